@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import google_crc32c
 from tensorflow_datasets.core.example_parser import tf_example_pb2
@@ -54,6 +54,15 @@ class CorruptRecordError(ValueError):
   """A record whose framing or checksum is wrong."""
 
 
+class RecordChecksumError(CorruptRecordError):
+  """A record whose data checksum is wrong while its framing is intact.
+
+  The file position is already past the bad record, so reading can go on with
+  the next one. Any other `CorruptRecordError` leaves the rest of the file
+  unreadable (the length is unknown or the file is cut short).
+  """
+
+
 def read_record_at(f, path: str, verify_crc: bool = True) -> bytes | None:
   """Reads one record from the open file `f`; None at a clean end of file.
 
@@ -75,7 +84,7 @@ def read_record_at(f, path: str, verify_crc: bool = True) -> bytes | None:
                              f"(wanted {length} bytes)")
   data = body[:length]
   if verify_crc and masked_crc32c(data) != _FOOTER.unpack(body[length:])[0]:
-    raise CorruptRecordError(f"{path}: bad data checksum at byte {offset}")
+    raise RecordChecksumError(f"{path}: bad data checksum at byte {offset}")
   return data
 
 
@@ -84,6 +93,34 @@ def iter_tfrecord(path: str | os.PathLike, verify_crc: bool = True) -> Iterator[
   path = os.fspath(path)
   with open(path, "rb") as f:
     while (data := read_record_at(f, path, verify_crc)) is not None:
+      yield data
+
+
+def iter_tfrecord_skipping(
+    path: str | os.PathLike,
+    on_corrupt: Callable[[CorruptRecordError], None] | None = None,
+) -> Iterator[bytes]:
+  """Yields the intact records of one TFRecord file, skipping corrupt ones.
+
+  A record with a bad data checksum is skipped and reading goes on after it; a
+  truncated record or a bad length checksum ends the file. `on_corrupt` is
+  called once per skipped record (a cut-off tail counts as one).
+  """
+  path = os.fspath(path)
+  with open(path, "rb") as f:
+    while True:
+      try:
+        data = read_record_at(f, path)
+      except RecordChecksumError as e:
+        if on_corrupt is not None:
+          on_corrupt(e)
+        continue
+      except CorruptRecordError as e:
+        if on_corrupt is not None:
+          on_corrupt(e)
+        return
+      if data is None:
+        return
       yield data
 
 

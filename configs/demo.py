@@ -1,0 +1,55 @@
+r"""Demo: train and evaluate on the built-in synthetic landmarks (~10 min on 2 CPU cores).
+
+python -m qaff_jax.train --config configs/demo.py --workdir workdirs/demo
+
+The demo data (GLDv2-format TFRecords + a revisitop-format test set) is written to
+`config.demo_root` on first use by `python -m qaff_jax.data.demo`. It exercises the
+same code paths as a GLDv2 -> Revisited Oxford run. Variant: `configs/demo.py:quick`
+(a few steps, for smoke tests).
+"""
+
+from qaff_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, quick=False, backbone="resnet_tiny", head="gem")
+  c = config_lib.base_config()
+  c.demo_root = "demo_data"
+  c.data.train_files = "demo_data/train"
+  c.data.num_classes = 48
+  c.data.num_train_images = 48 * 24
+  c.data.image_size = 96
+  c.data.min_scale = 0.35
+  c.data.color_jitter = 0.2
+  c.data.shuffle_buffer = 512
+  c.data.num_workers = 0
+
+  c.model.backbone = arg.backbone
+  c.model.head = arg.head
+  c.model.dim = 128
+  c.model.dtype = "float32"
+
+  c.loss.scale = 30.0
+  c.loss.margin = 0.15
+  c.optim.name = "adamw"
+  c.optim.lr = 2e-3
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_epochs = 1.0
+
+  c.batch_size = 64
+  c.num_epochs = 20.0
+  c.log_every = 10
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+
+  c.eval.data_root = "demo_data/test"
+  c.eval.datasets = "demo"
+  c.eval.max_side = 160
+  c.eval.batch_size = 16
+  c.eval.at_end = True
+  if arg.quick:
+    c.total_steps = 4
+    c.batch_size = 16
+    c.log_every = 1
+    c.checkpoint_every = 2
+  return c

@@ -1,0 +1,34 @@
+r"""GLDv2-clean, ResNet-101 + GeM, ArcFace (the DELG/DOLG/SpCa training recipe).
+
+python -m qaff_jax.train --config configs/gldv2.py --workdir gs://BUCKET/runs/r101 \
+    --config.data.train_files='gs://BUCKET/gldv2/train/train-*-of-*'
+
+Variants after the colon: `configs/gldv2.py:backbone=resnet50`,
+`configs/gldv2.py:runlocal` (tiny model, few steps: the same code path on a laptop).
+Recipe: 512 px crops, global batch 256, SGD nesterov 0.9, lr 0.01, wd 1e-4,
+5 warm-up epochs then cosine, ArcFace s=30 m=0.15 (SpCa, DOLG, MadaCos papers).
+"""
+
+from qaff_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, backbone="resnet101", head="gem",
+                             runlocal=False, epochs=50.0)
+  c = config_lib.base_config()
+  c.model.backbone = arg.backbone
+  c.model.head = arg.head
+  c.num_epochs = arg.epochs
+  c.eval.at_end = True
+  if arg.runlocal:
+    c.model.backbone = "resnet_tiny"
+    c.model.dtype = "float32"
+    c.data.image_size = 64
+    c.data.num_workers = 0
+    c.data.shuffle_buffer = 64
+    c.batch_size = 16
+    c.total_steps = 10
+    c.log_every = 2
+    c.checkpoint_every = 5
+    c.eval.max_side = 128
+  return c

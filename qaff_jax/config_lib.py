@@ -1,0 +1,104 @@
+"""Shared pieces of the ml_collections configs in `configs/`.
+
+Config files are plain Python: `get_config(arg)` builds a ConfigDict from
+`base_config()` and the variant string after `:` on the command line
+(`configs/gldv2.py:backbone=resnet50,runlocal`), parsed by `parse_arg`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+GLDV2_CLEAN_IMAGES = 1_580_470
+GLDV2_CLEAN_CLASSES = 81_313
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses `key=value,flag` into a ConfigDict typed after `defaults`.
+
+  A bare `flag` sets a bool default to True. Unknown keys are an error that
+  names them and lists the known ones.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; "
+                       f"known: {sorted(defaults)}")
+    default = defaults[key]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key!r} wants true/false, got {value!r}")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with GLDv2-scale defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_files = ""          # glob, comma list, or a folder of train-*-of-* shards
+  c.data.format = "auto"           # tfrecord | arrayrecord | auto (by extension)
+  c.data.num_classes = GLDV2_CLEAN_CLASSES
+  c.data.num_train_images = GLDV2_CLEAN_IMAGES
+  c.data.image_size = 512
+  c.data.min_scale = 0.2           # random-resized-crop area range lower bound
+  c.data.color_jitter = 0.2
+  c.data.shuffle_buffer = 8192
+  c.data.num_workers = 8
+  c.data.class_allowlist = ""      # RGLDv2: text file of kept labels
+  c.data.relabel = False
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet101"
+  c.model.output_stride = 32
+  c.model.head = "gem"
+  c.model.dim = 512
+  c.model.gem_p = 3.0
+  c.model.learn_p = True
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "arcface"          # arcface | cosface
+  c.loss.scale = 30.0
+  c.loss.margin = 0.15
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"             # sgd (nesterov momentum) | adamw
+  c.optim.lr = 0.01
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_epochs = 5.0
+  c.optim.grad_clip = 0.0          # global-norm clip; 0 disables
+
+  c.batch_size = 256               # global, across all devices and hosts
+  c.grad_accum = 1                 # micro-batches per update
+  c.num_epochs = 50.0
+  c.total_steps = 0                # > 0 overrides num_epochs
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.model = 1                 # size of the `model` axis; `data` takes the rest
+  c.mesh.fsdp = False              # shard params + optimizer state over `data`
+
+  c.log_every = 50
+  c.checkpoint_every = 2000
+  c.keep_checkpoints = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.data_root = ""            # revisitop root holding <name>/gnd_<name>.pkl
+  c.eval.datasets = "roxford5k,rparis6k"
+  c.eval.max_side = 1024
+  c.eval.scales = (0.7071067811865476, 1.0, 1.4142135623730951)
+  c.eval.batch_size = 8
+  c.eval.at_end = False            # evaluate after training finishes
+  return c

@@ -1,0 +1,234 @@
+"""ResNet backbones (NHWC) in the torchvision layout, Flax NNX.
+
+Attribute names mirror torchvision's state-dict keys, so a weight import maps
+1:1 (`layer1.0.downsample.1.running_mean` <-> `layer1/0/downsample/1/mean`):
+
+  conv1, bn1                  stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool)
+  layer1 .. layer4            nnx.List of blocks
+    BasicBlock                conv1, bn1, conv2, bn2, downsample
+    Bottleneck                conv1, bn1, conv2, bn2, conv3, bn3, downsample
+    downsample                None or nnx.List([conv 1x1, BatchNorm])
+
+Kernels are HWIO (torch: OIHW); the classifier `fc` is not part of the
+backbone. Padding is explicit and symmetric as in torch, so outputs match a
+torchvision model given the same weights. Bottleneck strides on the 3x3 conv
+(torchvision "ResNet v1.5").
+
+BatchNorm runs in float32 with momentum 0.9 (torch 0.1) and eps 1e-5; its
+output is cast back to the compute dtype. Train/eval mode is NNX's standard
+`model.train()` / `model.eval()` (BatchNorm `use_running_average`); modules
+start in train mode, like torch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# torchvision's conv init: kaiming normal, fan_out, ReLU gain.
+_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1,
+          dilation: int = 1, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.Conv:
+  """Bias-free 2D conv with torch-style symmetric padding."""
+  pad = dilation * (kernel - 1) // 2
+  return nnx.Conv(
+      in_features, out_features, kernel_size=(kernel, kernel),
+      strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      kernel_dilation=(dilation, dilation), use_bias=False,
+      kernel_init=_conv_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _bn(features: int, *, rngs: nnx.Rngs, param_dtype) -> nnx.BatchNorm:
+  """BatchNorm computed in float32 (statistics and normalisation)."""
+  return nnx.BatchNorm(
+      features, use_running_average=False, momentum=BN_MOMENTUM,
+      epsilon=BN_EPSILON, dtype=jnp.float32, param_dtype=param_dtype,
+      rngs=rngs)
+
+
+def _downsample(in_features: int, out_features: int, stride: int, *,
+                rngs: nnx.Rngs, dtype, param_dtype) -> nnx.List | None:
+  """1x1 conv + BN projection shortcut, or None when shapes already match."""
+  if stride == 1 and in_features == out_features:
+    return None
+  return nnx.List([
+      _conv(in_features, out_features, 1, stride=stride, rngs=rngs,
+            dtype=dtype, param_dtype=param_dtype),
+      _bn(out_features, rngs=rngs, param_dtype=param_dtype),
+  ])
+
+
+def _shortcut(downsample: nnx.List | None, x: jax.Array, dtype) -> jax.Array:
+  if downsample is None:
+    return x
+  conv, bn = downsample
+  return bn(conv(x)).astype(dtype)
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convs (ResNet-18/34). `dilation` applies to both convs."""
+
+  expansion = 1
+
+  def __init__(self, in_features: int, width: int, *, stride: int = 1,
+               dilation: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    out = width * self.expansion
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.conv1 = _conv(in_features, width, 3, stride=stride, dilation=dilation,
+                       **kw)
+    self.bn1 = _bn(width, rngs=rngs, param_dtype=param_dtype)
+    self.conv2 = _conv(width, out, 3, dilation=dilation, **kw)
+    self.bn2 = _bn(out, rngs=rngs, param_dtype=param_dtype)
+    self.downsample = _downsample(in_features, out, stride, **kw)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nnx.relu(self.bn1(self.conv1(x)).astype(self.dtype))
+    y = self.bn2(self.conv2(y)).astype(self.dtype)
+    return nnx.relu(y + _shortcut(self.downsample, x, self.dtype))
+
+
+class Bottleneck(nnx.Module):
+  """1x1 -> 3x3 (strided, dilated) -> 1x1 bottleneck (ResNet-50/101/152)."""
+
+  expansion = 4
+
+  def __init__(self, in_features: int, width: int, *, stride: int = 1,
+               dilation: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    out = width * self.expansion
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.conv1 = _conv(in_features, width, 1, **kw)
+    self.bn1 = _bn(width, rngs=rngs, param_dtype=param_dtype)
+    self.conv2 = _conv(width, width, 3, stride=stride, dilation=dilation, **kw)
+    self.bn2 = _bn(width, rngs=rngs, param_dtype=param_dtype)
+    self.conv3 = _conv(width, out, 1, **kw)
+    self.bn3 = _bn(out, rngs=rngs, param_dtype=param_dtype)
+    self.downsample = _downsample(in_features, out, stride, **kw)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nnx.relu(self.bn1(self.conv1(x)).astype(self.dtype))
+    y = nnx.relu(self.bn2(self.conv2(y)).astype(self.dtype))
+    y = self.bn3(self.conv3(y)).astype(self.dtype)
+    return nnx.relu(y + _shortcut(self.downsample, x, self.dtype))
+
+
+class ResNet(nnx.Module):
+  """ResNet trunk without the classifier; returns the last NHWC feature map.
+
+  Attributes:
+    out_features: channels of the last feature map.
+    output_stride: input pixels per feature cell (32, or 16 when the last stage
+      is dilated instead of strided).
+  """
+
+  def __init__(self, block: type[BasicBlock] | type[Bottleneck],
+               blocks: Sequence[int],
+               widths: Sequence[int] = (64, 128, 256, 512), *,
+               stem_width: int | None = None, output_stride: int = 32,
+               in_features: int = 3, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    """Builds the trunk.
+
+    Args:
+      block: `BasicBlock` or `Bottleneck`.
+      blocks: number of blocks in each of the four stages.
+      widths: per-stage block width (output channels = width * expansion).
+      stem_width: channels of the stem conv; defaults to `widths[0]`.
+      output_stride: 32, or 16 to replace the last stage's stride by dilation 2
+        (torchvision `replace_stride_with_dilation=[False, False, True]`: the
+        first block of that stage keeps dilation 1, later blocks use 2).
+      in_features: input channels.
+      rngs: parameter RNGs.
+      dtype: compute dtype of the convs (BatchNorm always runs in float32).
+      param_dtype: storage dtype of the parameters.
+    """
+    if len(blocks) != 4 or len(widths) != 4:
+      raise ValueError(f"ResNet needs 4 stages, got blocks={blocks}, "
+                       f"widths={widths}")
+    if output_stride not in (16, 32):
+      raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+    stem_width = widths[0] if stem_width is None else stem_width
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.conv1 = _conv(in_features, stem_width, 7, stride=2, **kw)
+    self.bn1 = _bn(stem_width, rngs=rngs, param_dtype=param_dtype)
+
+    features = stem_width
+    dilation = 1
+    stages = []
+    for i, (n, width) in enumerate(zip(blocks, widths)):
+      stride = 1 if i == 0 else 2
+      previous_dilation = dilation
+      if i == 3 and output_stride == 16:
+        dilation *= stride
+        stride = 1
+      layer = []
+      for j in range(n):
+        layer.append(block(
+            features, width, stride=stride if j == 0 else 1,
+            dilation=previous_dilation if j == 0 else dilation, **kw))
+        features = width * block.expansion
+      stages.append(nnx.List(layer))
+    self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+    self.out_features = features
+    self.output_stride = output_stride
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *, return_stages: bool = False
+               ) -> jax.Array | dict[str, jax.Array]:
+    """Runs the trunk on NHWC images.
+
+    Args:
+      x: [B, H, W, C] images (already normalised).
+      return_stages: if True, return a dict with the maps after the stem
+        (`"stem"`, stride 4) and after each stage (`"layer1"`..`"layer4"`).
+
+    Returns:
+      The last feature map [B, ceil(H/s), ceil(W/s), out_features] in the
+      compute dtype (s = output_stride), or the dict of stage maps.
+    """
+    x = x.astype(self.dtype)
+    x = nnx.relu(self.bn1(self.conv1(x)).astype(self.dtype))
+    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    stages = {"stem": x}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+      for block in getattr(self, name):
+        x = block(x)
+      stages[name] = x
+    return stages if return_stages else x
+
+
+def resnet18(**kwargs) -> ResNet:
+  return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+def resnet34(**kwargs) -> ResNet:
+  return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+  return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
+
+
+def resnet101(**kwargs) -> ResNet:
+  return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
+
+
+def resnet152(**kwargs) -> ResNet:
+  return ResNet(Bottleneck, (3, 8, 36, 3), **kwargs)
+
+
+def resnet_tiny(**kwargs) -> ResNet:
+  """Basic blocks, widths (16, 32, 64, 128), one block per stage (tests/demo)."""
+  return ResNet(BasicBlock, (1, 1, 1, 1), (16, 32, 64, 128), **kwargs)

@@ -1,0 +1,111 @@
+"""Device mesh, shardings and multi-host start-up.
+
+The mesh has two axes, `data` and `model`. Batches are split over both (every
+device sees a different slice), parameters are replicated (data parallel) or
+sharded over `data` (FSDP), and the class-weight matrix of the margin loss is
+split by rows over all devices, so an 81k x D matrix is never replicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "model")   # a global batch is split over every device
+CLASS_AXES = ("data", "model")   # class-weight rows too
+
+# Parameters smaller than this stay replicated under FSDP: sharding them only
+# adds collectives.
+FSDP_MIN_SIZE = 2 ** 14
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when started as several processes.
+
+  Cloud TPU pods, SLURM and the `JAX_COORDINATOR_ADDRESS` environment variable
+  (set by `launch/gpu_multihost.sh`) are recognised; a single process is left
+  alone.
+  """
+  env = os.environ
+  multi = ("JAX_COORDINATOR_ADDRESS" in env
+           or int(env.get("SLURM_NTASKS", "1")) > 1
+           or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
+  if multi and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+
+
+def make_mesh(model_axis: int = 1) -> Mesh:
+  """A (`data`, `model`) mesh over all devices; `data` takes what `model` leaves."""
+  n = jax.device_count()
+  if model_axis < 1 or n % model_axis:
+    raise ValueError(f"config.mesh.model={model_axis} does not divide the "
+                     f"{n} available devices")
+  return jax.make_mesh((n // model_axis, model_axis), ("data", "model"))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def class_rows_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(CLASS_AXES, None))
+
+
+def num_shards(mesh: Mesh, axes=CLASS_AXES) -> int:
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def fsdp_spec(shape: tuple[int, ...], data_size: int) -> P:
+  """Shards the largest dimension divisible by the `data` axis size."""
+  if data_size <= 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % data_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "data"
+      return P(*spec)
+  return P()
+
+
+def param_shardings(abstract_tree, mesh: Mesh, fsdp: bool):
+  """Shardings for a pytree of parameter-shaped leaves (params or optimizer state)."""
+  data_size = mesh.shape["data"]
+
+  def one(leaf):
+    shape = tuple(getattr(leaf, "shape", ()))
+    spec = fsdp_spec(shape, data_size) if fsdp else P()
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(one, abstract_tree)
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """THE one place where host batches become globally sharded jax.Arrays.
+
+  Each process passes its own slice (`local_batch_size` rows); the result has
+  the global batch size and is split over all devices of the mesh.
+  """
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+  return jax.tree.map(one, local_batch)
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """Rows each process loads; the global batch must split evenly over devices."""
+  if global_batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={global_batch_size} is not divisible by "
+                     f"the {jax.device_count()} devices")
+  return global_batch_size // jax.process_count()

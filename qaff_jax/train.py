@@ -1,0 +1,40 @@
+r"""Train a retrieval model.
+
+python -m qaff_jax.train --config configs/demo.py --workdir workdirs/demo
+python -m qaff_jax.train --config configs/gldv2.py:backbone=resnet50 --workdir gs://b/run \
+    --config.data.train_files='gs://b/gldv2/train-*' --config.optim.lr=0.005
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/gldv2.py:backbone=resnet50.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, config.")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "Checkpoint folder whose backbone weights start the run "
+    "(another run's checkpoints/ or a converted PyTorch checkpoint).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from qaff_jax import parallel, train_lib
+  from qaff_jax.data import demo
+  from qaff_jax.evaluation import report
+
+  parallel.maybe_initialize_distributed()
+  config = _CONFIG.value
+  if config.get("demo_root"):
+    demo.ensure_demo_data(config.demo_root)
+  result = train_lib.train_and_evaluate(config, _WORKDIR.value, init_from=_INIT_FROM.value)
+  if "eval" in result:
+    print(report.markdown_table(result["eval"]))
+  logging.info("done: %s", {k: v for k, v in result.items() if k != "eval"})
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,436 @@
+"""The trainer: state, one pure `train_step`, and the loop.
+
+`train_and_evaluate(config, workdir)` reads top to bottom:
+mesh -> input -> model & optimizer -> shardings -> step -> restore -> loop.
+Every method (GeM, QAFF, the baselines) trains through this one file; a method
+is a head plus a loss chosen by config.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qaff_jax import checkpoint as ckpt_lib
+from qaff_jax import losses
+from qaff_jax import metric_writer
+from qaff_jax import models
+from qaff_jax import parallel
+from qaff_jax.data import pipeline
+from qaff_jax.data import transforms
+
+
+# ---------------------------------------------------------------------------
+# Model + classifier, and the train state.
+
+
+class Trainable(nnx.Module):
+  """What gets trained: the retrieval network and the margin-loss class matrix."""
+
+  def __init__(self, config, *, num_rows: int, rngs: nnx.Rngs):
+    self.net = models.build_model(config.model, rngs=rngs)
+    self.classifier = losses.MarginClassifier(
+        config.data.num_classes, config.model.dim, num_rows=num_rows, rngs=rngs)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State        # nnx.Param variables
+  model_state: nnx.State   # everything else (BatchNorm statistics, ...)
+  opt_state: Any
+
+
+def num_class_rows(num_classes: int, mesh) -> int:
+  """Class rows padded so they split evenly over all devices."""
+  n = parallel.num_shards(mesh)
+  return -(-num_classes // n) * n
+
+
+def steps_per_epoch(config) -> int:
+  return max(1, config.data.num_train_images // config.batch_size)
+
+
+def total_steps(config) -> int:
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  return max(1, int(round(config.num_epochs * steps_per_epoch(config))))
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD (nesterov) or AdamW; linear warm-up then cosine to zero; decay on kernels only."""
+  o = config.optim
+  steps = total_steps(config)
+  warmup = min(int(o.warmup_epochs * steps_per_epoch(config)), steps - 1)
+  if warmup > 0:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, warmup_steps=warmup, decay_steps=steps, end_value=0.0)
+  else:
+    schedule = optax.cosine_decay_schedule(o.lr, decay_steps=steps)
+
+  def decay_mask(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+  if o.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+                     optax.sgd(schedule, momentum=o.momentum, nesterov=True))
+  elif o.name == "adamw":
+    tx = optax.adamw(schedule, weight_decay=o.weight_decay, mask=decay_mask)
+  else:
+    raise ValueError(f"config.optim.name={o.name!r}; choose 'sgd' or 'adamw'")
+  if o.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  return tx, schedule
+
+
+def state_shardings(abstract_state: TrainState, mesh, fsdp: bool):
+  """Class rows split over all devices; other leaves replicated or FSDP-sharded."""
+  data_size = mesh.shape["data"]
+
+  def one(path, leaf):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    shape = tuple(getattr(leaf, "shape", ()))
+    if "classifier" in names and len(shape) == 2:
+      return parallel.class_rows_sharding(mesh)
+    if fsdp:
+      return NamedSharding(mesh, parallel.fsdp_spec(shape, data_size))
+    return parallel.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def create_train_state(config, mesh, tx):
+  """Builds the state directly into its shardings (no unsharded copy is made).
+
+  Returns (graphdef, state, shardings); `graphdef` is the static module
+  structure that `nnx.merge` combines with `state.params`/`state.model_state`.
+  """
+  rows = num_class_rows(config.data.num_classes, mesh)
+
+  def init(rng):
+    module = Trainable(config, num_rows=rows, rngs=nnx.Rngs(rng))
+    _, params, rest = nnx.split(module, nnx.Param, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      model_state=rest, opt_state=tx.init(params))
+
+  rng = jax.random.key(config.seed)
+  graphdef = nnx.split(nnx.eval_shape(
+      lambda: Trainable(config, num_rows=rows, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+  abstract = jax.eval_shape(init, rng)
+  shardings = state_shardings(abstract, mesh, config.mesh.fsdp)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return graphdef, state, shardings
+
+
+def merge_model(graphdef, state: TrainState, *, train: bool = False) -> nnx.Module:
+  """The retrieval network of a state, in train or eval (running BN stats) mode."""
+  module = nnx.merge(graphdef, state.params, state.model_state)
+  net = module.net
+  net.train() if train else net.eval()
+  return net
+
+
+# ---------------------------------------------------------------------------
+# The step.
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
+               tx: optax.GradientTransformation, schedule, config, mesh):
+  """One optimizer update over `config.grad_accum` micro-batches. Pure; jit it."""
+  del rng  # Augmentation randomness lives in the input pipeline; no dropout yet.
+  num_classes = config.data.num_classes
+  emb_sharding = parallel.replicated(mesh)
+  logits_sharding = NamedSharding(mesh, P(None, parallel.CLASS_AXES))
+
+  def loss_fn(params, model_state, images, labels):
+    module = nnx.merge(graphdef, params, model_state)
+    out = module.net(transforms.normalize_jnp(images))
+    loss, correct = losses.margin_softmax_loss(
+        out["descriptor"], module.classifier.weight.value, labels,
+        num_classes=num_classes, name=config.loss.name, scale=config.loss.scale,
+        margin=config.loss.margin, embedding_sharding=emb_sharding,
+        logits_sharding=logits_sharding)
+    new_model_state = nnx.state(module, nnx.Not(nnx.Param))
+    return jnp.mean(loss), (jnp.mean(correct.astype(jnp.float32)), new_model_state)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = config.grad_accum
+  images, labels = batch["image"], batch["label"]
+  if accum == 1:
+    (loss, (acc, model_state)), grads = grad_fn(
+        state.params, state.model_state, images, labels)
+  else:
+    micro = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+
+    def body(carry, mb):
+      grads, model_state, loss, acc = carry
+      (l, (a, model_state)), g = grad_fn(state.params, model_state, *mb)
+      grads = jax.tree.map(jnp.add, grads, g)
+      return (grads, model_state, loss + l, acc + a), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, model_state, loss, acc), _ = jax.lax.scan(
+        body, (zeros, state.model_state, 0.0, 0.0), (micro(images), micro(labels)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    loss, acc = loss / accum, acc / accum
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            model_state=model_state, opt_state=opt_state)
+  metrics = {
+      "loss": loss,
+      "accuracy": acc,
+      "lr": schedule(state.step),
+      "grad_norm": optax.global_norm(grads),
+      "skipped_records": jnp.sum(batch["skipped"]),
+  }
+  return new_state, metrics
+
+
+def jit_train_step(graphdef, tx, schedule, config, mesh, shardings):
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                           config=config, mesh=mesh)
+  data = {"image": parallel.batch_sharding(mesh, 4),
+          "label": parallel.batch_sharding(mesh, 1),
+          "skipped": parallel.batch_sharding(mesh, 1)}
+  return jax.jit(step, in_shardings=(shardings, data, parallel.replicated(mesh)),
+                 out_shardings=(shardings, parallel.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def save_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in its workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not a training workdir (no config.json)")
+  with open(path, encoding="utf-8") as f:
+    d = json.load(f)
+  return ml_collections.ConfigDict(_lists_to_tuples(d))
+
+
+def _lists_to_tuples(d):
+  if isinstance(d, dict):
+    return {k: _lists_to_tuples(v) for k, v in d.items()}
+  if isinstance(d, list):
+    return tuple(d)
+  return d
+
+
+def check_config(config) -> None:
+  """Errors that name the config key, before anything expensive starts."""
+  if not config.data.train_files:
+    raise ValueError("config.data.train_files is empty: point it at GLDv2 shards "
+                     "(a glob, a comma list, or a folder of train-*-of-* files)")
+  if config.data.num_classes <= 0:
+    raise ValueError(f"config.data.num_classes={config.data.num_classes} must be > 0")
+  if config.batch_size <= 0 or config.batch_size % config.grad_accum:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a positive "
+                     f"multiple of config.grad_accum={config.grad_accum}")
+  if config.loss.name not in losses.LOSSES:
+    raise ValueError(f"config.loss.name={config.loss.name!r}; choose one of {losses.LOSSES}")
+
+
+def _finite_or_raise(loss: float, step: int, last_saved: int | None) -> None:
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f"loss is {loss} at step {step}; stopping without saving. The last good "
+        f"checkpoint is step {last_saved}. Lower config.optim.lr or set "
+        f"config.optim.grad_clip.")
+
+
+def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
+                       on_step: Callable[[int], None] | None = None) -> dict:
+  """Trains (resuming from `workdir` if it holds a checkpoint), then evaluates.
+
+  `on_step(step)` is called after every step on the host (tests use it to kill
+  or preempt a run mid-way). Returns the last logged metrics and, with
+  `config.eval.at_end`, the evaluation results.
+  """
+  check_config(config)
+  save_config(config, workdir)
+
+  # --- Mesh.
+  mesh = parallel.make_mesh(config.mesh.model)
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+
+  # --- Input.
+  local_batch = parallel.local_batch_size(config.batch_size)
+  dataset = pipeline.make_train_dataset(
+      config.data, local_batch_size=local_batch, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(dataset)
+
+  # --- Model & optimizer, sharded at birth.
+  tx, schedule = make_optimizer(config)
+  graphdef, state, shardings = create_train_state(config, mesh, tx)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("parameters: %.2fM (class matrix included)", n_params / 1e6)
+
+  # --- Step.
+  step_fn = jit_train_step(graphdef, tx, schedule, config, mesh, shardings)
+
+  # --- Restore (automatic resume) or initialise from another checkpoint.
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep=config.keep_checkpoints)
+  last_saved = ckpt.latest_step()
+  if last_saved is not None:
+    state = ckpt.restore(last_saved, _abstract(state), data_iter)
+    logging.info("resumed from step %d", last_saved)
+  elif init_from:
+    state = init_backbone_from(state, init_from, shardings)
+
+  # --- Loop.
+  steps = total_steps(config)
+  start = int(state.step)
+  rng = jax.random.key(config.seed + 1)
+  writer = metric_writer.MetricWriter(workdir)
+  last = {}
+  progress = _progress_bar(start, steps)
+  t0, seen = time.perf_counter(), 0
+  try:
+    with _Preemption() as preempt:
+      for step in range(start + 1, steps + 1):
+        batch = parallel.global_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+        seen += config.batch_size
+        should_log = step % config.log_every == 0 or step == steps
+        should_save = step % config.checkpoint_every == 0 or step == steps
+        stop = preempt.requested or ckpt.reached_preemption(step)
+        if should_log or should_save or stop:
+          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _finite_or_raise(last["loss"], step, ckpt.latest_step())
+        if should_log:
+          dt = time.perf_counter() - t0
+          last["img_per_sec"] = seen / dt if dt > 0 else 0.0
+          writer.write(step, last)
+          progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}",
+                               img_s=f"{last['img_per_sec']:.1f}", refresh=False)
+          t0, seen = time.perf_counter(), 0
+        if should_save or stop:
+          ckpt.save(step, state, data_iter, force=True)
+        progress.update(1)
+        if on_step is not None:
+          on_step(step)
+        if stop:
+          logging.warning("stopped at step %d after preemption; rerun to resume", step)
+          return {"preempted_at": step, **last}
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+
+  result = dict(last)
+  if config.eval.at_end and config.eval.data_root:
+    from qaff_jax.evaluation import hook  # evaluation reads the state, not the loop
+    result["eval"] = hook.evaluate_state(config, graphdef, state, mesh, workdir)
+  return result
+
+
+def _abstract(state):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def init_backbone_from(state: TrainState, path: str, shardings) -> TrainState:
+  """Copies `net.backbone` parameters and statistics from another checkpoint."""
+  source = ckpt_lib.restore_params_from(path)
+
+  def take(target: nnx.State, source_tree, what: str):
+    src = source_tree.get("net", {}).get("backbone") if isinstance(source_tree, dict) else None
+    if src is None:
+      raise ValueError(f"--init_from {path}: the checkpoint has no {what}['net']['backbone']")
+    pure = nnx.to_pure_dict(target)
+    dst = pure["net"]["backbone"]
+    flat_src = dict(jax.tree_util.tree_flatten_with_path(src)[0])
+    flat_dst, treedef = jax.tree_util.tree_flatten_with_path(dst)
+    missing = [jax.tree_util.keystr(k) for k, _ in flat_dst if k not in flat_src]
+    if missing:
+      raise ValueError(f"--init_from {path}: backbone {what} missing {missing[:10]}")
+    new = []
+    for k, v in flat_dst:
+      s = np.asarray(flat_src[k])
+      if s.shape != v.shape:
+        raise ValueError(f"--init_from {path}: {what} {jax.tree_util.keystr(k)} has "
+                         f"shape {s.shape}, the model wants {v.shape}")
+      new.append(s.astype(v.dtype))
+    pure["net"]["backbone"] = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(dst), new)
+    out = jax.tree.map(lambda x: x, target)
+    nnx.replace_by_pure_dict(out, pure)
+    return out
+
+  src_state = source if isinstance(source, dict) else flax.serialization.to_state_dict(source)
+  params = take(state.params, _pure(src_state.get("params")), "params")
+  model_state = take(state.model_state, _pure(src_state.get("model_state")), "model_state")
+  new = state.replace(params=params, model_state=model_state)
+  return jax.device_put(new, shardings)
+
+
+def _pure(tree):
+  """A restored nnx.State subtree as plain nested dicts of arrays."""
+  if tree is None:
+    return {}
+  if isinstance(tree, nnx.State):
+    return nnx.to_pure_dict(tree)
+  if isinstance(tree, dict):
+    return {k: (v.get("value", v) if isinstance(v, dict) and set(v) == {"value"} else _pure(v))
+            for k, v in tree.items()}
+  return tree
+
+
+def _progress_bar(start: int, total: int):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+              disable=jax.process_index() != 0, mininterval=2.0)
