@@ -237,7 +237,7 @@ def _lut(rng: np.random.Generator, s: float) -> list[int]:
   contrast = math.exp(rng.normal(0.0, 0.08 + 0.2 * s))
   bright = rng.normal(0.0, 0.04 + 0.12 * s)
   lut = []
-  for gain in np.exp(rng.normal(0.0, 0.03 + 0.1 * s, 3)):
+  for gain in np.exp(rng.normal(0.0, 0.06 + 0.1 * s, 3)):
     for v in range(256):
       x = (v / 255.0) ** gamma
       x = (x - 0.5) * contrast + 0.5 + bright
@@ -276,7 +276,7 @@ def _view(padded: Image.Image, rng: np.random.Generator, s: float,
   """One view of a scene at strength `s`, as an RGB image of `size` (w, h)."""
   w, h = size
   # Geometry: crop scale, position, rotation, perspective, keystone.
-  side = SCENE_SIZE * min(max(rng.uniform(0.8, 1.0) - 0.6 * s * rng.uniform(0.6, 1.0), 0.2), 1.0)
+  side = SCENE_SIZE * min(max(rng.uniform(0.6, 1.0) - 0.5 * s * rng.uniform(0.6, 1.0), 0.2), 1.0)
   aspect = w / h
   cw, ch = (side, side / aspect) if aspect >= 1 else (side * aspect, side)
   cx = _PAD + rng.uniform(min(cw / 2, SCENE_SIZE / 2), max(SCENE_SIZE - cw / 2, SCENE_SIZE / 2))
@@ -301,7 +301,7 @@ def _view(padded: Image.Image, rng: np.random.Generator, s: float,
   # Photometry: tone curve, saturation, hue, illumination ramp, shadow.
   img = img.point(_lut(rng, s))
   img = ImageEnhance.Color(img).enhance(math.exp(rng.normal(0.0, 0.1 + 0.3 * s)))
-  shift = int(round(rng.normal(0.0, 3.0 + 12.0 * s))) % 256
+  shift = int(round(rng.normal(0.0, 6.0 + 12.0 * s))) % 256
   if shift:
     hsv = np.asarray(img.convert("HSV")).copy()
     hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift) % 256

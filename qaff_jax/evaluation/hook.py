@@ -1,0 +1,63 @@
+"""Evaluation of a train state on revisitop-format datasets (end-of-training hook).
+
+extract (multi-scale, bucketed, sharded) -> exact cosine ranking -> revisited
+E/M/H mAP and mP@k -> report in `<workdir>/eval/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+from qaff_jax.data import revisited
+from qaff_jax.evaluation import extract as extract_lib
+from qaff_jax.evaluation import metrics
+from qaff_jax.evaluation import report
+from qaff_jax.evaluation import search
+
+
+def extract_dataset(forward, ds: "revisited.RevisitedDataset", *, mesh, eval_cfg):
+  """Query (bbox-cropped) and database outputs of one revisited dataset."""
+  q_images = [ds.load_query(i, crop=True) for i in range(len(ds.qimlist))]
+  db_sizes = []
+  for i in range(len(ds.imlist)):
+    with Image.open(ds.db_path(i)) as im:
+      db_sizes.append((im.height, im.width))
+  kw = dict(mesh=mesh, max_side=eval_cfg.max_side, scales=tuple(eval_cfg.scales),
+            batch_size=eval_cfg.batch_size)
+  q = extract_lib.extract(forward, [lambda im=im: im for im in q_images],
+                          [im.shape[:2] for im in q_images], **kw)
+  db = extract_lib.extract(forward, [lambda i=i: ds.load_db(i) for i in range(len(ds.imlist))],
+                           db_sizes, **kw)
+  return q, db
+
+
+def evaluate_descriptors(q: np.ndarray, db: np.ndarray, gnd) -> dict:
+  ranks = search.full_ranking(q, db)
+  return metrics.evaluate_revisited(ranks, gnd)
+
+
+def evaluate_state(config, graphdef, state, mesh, workdir: str) -> dict:
+  """Evaluates the network in `state` on every dataset in `config.eval.datasets`."""
+  from qaff_jax import train_lib  # state layout lives with the trainer
+  net = train_lib.merge_model(graphdef, state, train=False)
+  forward = extract_lib.make_forward(net, mesh)
+  out_dir = os.path.join(workdir, "eval")
+  results = {}
+  for name in filter(None, config.eval.datasets.split(",")):
+    ds = revisited.RevisitedDataset(config.eval.data_root, name.strip())
+    q, db = extract_dataset(forward, ds, mesh=mesh, eval_cfg=config.eval)
+    if jax.process_index() == 0:
+      os.makedirs(out_dir, exist_ok=True)
+      np.save(os.path.join(out_dir, f"{name}_query.npy"), q["descriptor"])
+      np.save(os.path.join(out_dir, f"{name}_db.npy"), db["descriptor"])
+    results[name] = evaluate_descriptors(q["descriptor"], db["descriptor"], ds.gnd)
+    logging.info("%s: mAP E/M/H %.2f / %.2f / %.2f", name, 100 * results[name]["mAP_E"],
+                 100 * results[name]["mAP_M"], 100 * results[name]["mAP_H"])
+  if jax.process_index() == 0:
+    report.write_report(results, out_dir, extra={"step": int(state.step)})
+  return results

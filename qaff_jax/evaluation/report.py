@@ -1,0 +1,31 @@
+"""Result tables in the form papers print them (percentages, E/M/H)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+PROTOCOLS = ("E", "M", "H")
+
+
+def markdown_table(results: dict[str, dict], kappas=(1, 5, 10)) -> str:
+  """`results[name]` holds flat metric keys (`mAP_E`, `mP@1_E`, ...) as fractions."""
+  head = ["dataset"] + [f"mAP {p}" for p in PROTOCOLS] + [
+      f"mP@{k} {p}" for p in PROTOCOLS for k in kappas]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, m in results.items():
+    cells = [name] + [f"{100 * m[f'mAP_{p}']:.2f}" for p in PROTOCOLS] + [
+        f"{100 * m[f'mP@{k}_{p}']:.2f}" for p in PROTOCOLS for k in kappas]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_report(results: dict[str, dict], out_dir: str, extra: dict | None = None) -> str:
+  """Writes `report.json` (all numbers, per-query APs) and `report.md`; returns the md path."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump({"results": results, **(extra or {})}, f, indent=1, default=float)
+  md = os.path.join(out_dir, "report.md")
+  with open(md, "w", encoding="utf-8") as f:
+    f.write(markdown_table(results) + "\n")
+  return md
