@@ -33,9 +33,17 @@ def maybe_initialize_distributed() -> None:
   env = os.environ
   multi = ("JAX_COORDINATOR_ADDRESS" in env
            or int(env.get("SLURM_NTASKS", "1")) > 1
-           or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
+           or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
   if multi and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    # Coordinator from JAX_COORDINATOR_ADDRESS (read by jax itself); the process
+    # count and id from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set by hand,
+    # else auto-detected (SLURM, TPU).
+    kwargs = {}
+    if "JAX_NUM_PROCESSES" in env:
+      kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if "JAX_PROCESS_ID" in env:
+      kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
