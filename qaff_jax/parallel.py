@@ -55,7 +55,10 @@ def make_mesh(model_axis: int = 1) -> Mesh:
   if model_axis < 1 or n % model_axis:
     raise ValueError(f"config.mesh.model={model_axis} does not divide the "
                      f"{n} available devices")
-  return jax.make_mesh((n // model_axis, model_axis), ("data", "model"))
+  # Auto axes: XLA's partitioner places the collectives; our code only pins
+  # shardings at the boundaries (inputs, state, the class-matrix logits).
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((n // model_axis, model_axis), ("data", "model"), axis_types=auto)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
