@@ -38,15 +38,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 PROTOCOLS = ("easy", "medium", "hard")
 _SHORT = {"easy": "E", "medium": "M", "hard": "H"}
 DEFAULT_KAPPAS = (1, 5, 10)
+_COLUMN_BLOCK = 16
 
 
 def _ids(entry: Mapping[str, Any], key: str) -> np.ndarray:
@@ -110,16 +112,87 @@ def compute_ap(ranks: Sequence[int] | np.ndarray, nres: int) -> float:
   return float(np.add.accumulate(terms)[-1])
 
 
-def _positions_without_junk(column: np.ndarray, ok: np.ndarray,
-                            junk: np.ndarray) -> np.ndarray:
-  """0-based positions of `ok` items in `column`, shifted down past the junk."""
-  positions = np.arange(column.shape[0])
-  pos = positions[np.isin(column, ok)]
-  if junk.size == 0:
-    return pos
-  junk_pos = positions[np.isin(column, junk)]
-  # Number of junk images ranked strictly before each positive.
-  return pos - np.searchsorted(junk_pos, pos, side="left")
+def _check_ranks(ranks: Any, nq: int) -> np.ndarray:
+  ranks = np.asarray(ranks)
+  if ranks.ndim != 2:
+    raise ValueError(f"ranks must be (n_db, n_queries), got shape {ranks.shape}")
+  if ranks.shape[1] != nq:
+    raise ValueError(f"ranks has {ranks.shape[1]} query columns but gnd has {nq} "
+                     "queries; ranks must be (n_db, n_queries)")
+  return ranks
+
+
+def _check_kappas(kappas: Sequence[int]) -> list[int]:
+  kappas = [int(k) for k in kappas]
+  if any(k < 1 for k in kappas):
+    raise ValueError(f"kappas must be >= 1, got {kappas}")
+  return kappas
+
+
+def _columns(ranks: np.ndarray) -> Iterator[np.ndarray]:
+  """Yields the ranking of each query as a contiguous 1-D array."""
+  if ranks.flags.f_contiguous:
+    yield from ranks.T
+    return
+  # Columns of a C-ordered (n_db, nq) array are strided; copying a few at a
+  # time into rows of one reused buffer keeps the per-query scans contiguous.
+  buf = np.empty((min(_COLUMN_BLOCK, ranks.shape[1]), ranks.shape[0]), ranks.dtype)
+  for b0 in range(0, ranks.shape[1], _COLUMN_BLOCK):
+    block = buf[:min(_COLUMN_BLOCK, ranks.shape[1] - b0)]
+    np.copyto(block, ranks[:, b0:b0 + block.shape[0]].T)
+    yield from block
+
+
+def _positions(column: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """Sorted 0-based positions in `column` holding any of `ids`."""
+  if ids.size == 0:
+    return np.zeros((0,), np.int64)
+  return np.flatnonzero(np.isin(column, ids))
+
+
+def _query_scores(pos: np.ndarray, junk_pos: np.ndarray, nres: int,
+                  kappas: Sequence[int]) -> tuple[float, np.ndarray]:
+  """AP and precision@k of one query from the positions of positives and junk."""
+  # Junk images are dropped: each positive moves up by the junk ranked before it.
+  pos = pos - np.searchsorted(junk_pos, pos, side="left")
+  ap = compute_ap(pos, nres)
+  prs = np.zeros(len(kappas))
+  if pos.size:
+    pos1 = pos + 1  # 1-based positions
+    last = int(pos1[-1])
+    for j, kappa in enumerate(kappas):
+      kk = min(last, kappa)
+      prs[j] = (pos1 <= kk).sum() / kk
+  return ap, prs
+
+
+class _Accumulator:
+  """Sums per-query results in query order, exactly like the reference."""
+
+  def __init__(self, nq: int, n_kappas: int):
+    self.total_ap = 0.0
+    self.aps = np.zeros(nq)
+    self.pr = np.zeros(n_kappas)
+    self.prs = np.zeros((nq, n_kappas))
+    self.nempty = 0
+
+  def add(self, i: int, result: tuple[float, np.ndarray] | None) -> None:
+    if result is None:  # no positives: excluded from the means
+      self.aps[i] = np.nan
+      self.prs[i, :] = np.nan
+      self.nempty += 1
+      return
+    ap, prs = result
+    self.total_ap = self.total_ap + ap
+    self.aps[i] = ap
+    self.prs[i, :] = prs
+    self.pr = self.pr + prs
+
+  def result(self) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    n_scored = self.aps.shape[0] - self.nempty
+    if n_scored == 0:
+      return float("nan"), self.aps, np.full(self.pr.shape, np.nan), self.prs
+    return self.total_ap / n_scored, self.aps, self.pr / n_scored, self.prs
 
 
 def compute_map(
@@ -140,44 +213,26 @@ def compute_map(
     fractions; queries without positives are NaN in aps/prs and excluded from the
     means (the means are NaN when every query is empty).
   """
-  ranks = np.asarray(ranks)
-  if ranks.ndim != 2:
-    raise ValueError(f"ranks must be (n_db, n_queries), got shape {ranks.shape}")
-  nq = len(gnd)
-  if ranks.shape[1] != nq:
-    raise ValueError(f"ranks has {ranks.shape[1]} query columns but gnd has {nq} "
-                     "queries; ranks must be (n_db, n_queries)")
-  kappas = [int(k) for k in kappas]
-  if any(k < 1 for k in kappas):
-    raise ValueError(f"kappas must be >= 1, got {kappas}")
-  total_ap = 0.0
-  aps = np.zeros(nq)
-  pr = np.zeros(len(kappas))
-  prs = np.zeros((nq, len(kappas)))
-  nempty = 0
-  for i in range(nq):
+  ranks = _check_ranks(ranks, len(gnd))
+  kappas = _check_kappas(kappas)
+  acc = _Accumulator(len(gnd), len(kappas))
+  for i, column in enumerate(_columns(ranks)):
     ok = _ids(gnd[i], "ok")
     if ok.shape[0] == 0:
-      aps[i] = np.nan
-      prs[i, :] = np.nan
-      nempty += 1
+      acc.add(i, None)
       continue
-    pos = _positions_without_junk(ranks[:, i], ok, _ids(gnd[i], "junk"))
-    ap = compute_ap(pos, ok.shape[0])
-    total_ap = total_ap + ap
-    aps[i] = ap
-    pos1 = pos + 1  # 1-based positions
-    for j, kappa in enumerate(kappas):
-      if pos1.size == 0:
-        prs[i, j] = 0.0
-        continue
-      kk = min(int(pos1.max()), kappa)
-      prs[i, j] = (pos1 <= kk).sum() / kk
-    pr = pr + prs[i, :]
-  n_scored = nq - nempty
-  if n_scored == 0:
-    return float("nan"), aps, np.full(len(kappas), np.nan), prs
-  return total_ap / n_scored, aps, pr / n_scored, prs
+    pos = _positions(column, ok)
+    junk_pos = _positions(column, _ids(gnd[i], "junk"))
+    acc.add(i, _query_scores(pos, junk_pos, ok.shape[0], kappas))
+  return acc.result()
+
+
+# Which ground-truth lists make up 'ok' and 'junk' in each protocol.
+_PROTOCOL_PARTS = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
 
 
 def evaluate_revisited(
@@ -186,6 +241,9 @@ def evaluate_revisited(
     kappas: Sequence[int] = DEFAULT_KAPPAS,
 ) -> dict[str, Any]:
   """All three revisited protocols.
+
+  Same numbers as `compute_map(ranks, protocol_gnd(gnd, p), kappas)` for each
+  protocol, but every ranking column is scanned once for all three.
 
   Args:
     ranks: (n_db, n_queries) ranking (see `compute_map`).
@@ -197,14 +255,29 @@ def evaluate_revisited(
     [0, 1], plus 'per_query': {'E': [...], 'M': [...], 'H': [...]} holding each
     query's AP (NaN for a query without positives under that protocol).
   """
+  ranks = _check_ranks(ranks, len(gnd))
+  kappas = _check_kappas(kappas)
+  accs = {p: _Accumulator(len(gnd), len(kappas)) for p in PROTOCOLS}
+  for i, column in enumerate(_columns(ranks)):
+    ids = {key: _ids(gnd[i], key) for key in ("easy", "hard", "junk")}
+    where = {key: _positions(column, v) for key, v in ids.items()}
+    for protocol, (ok_keys, junk_keys) in _PROTOCOL_PARTS.items():
+      nres = sum(ids[key].shape[0] for key in ok_keys)
+      if nres == 0:
+        accs[protocol].add(i, None)
+        continue
+      # A position is counted once even if its id sits in two lists (as isin).
+      pos = functools.reduce(np.union1d, [where[key] for key in ok_keys])
+      junk_pos = functools.reduce(np.union1d, [where[key] for key in junk_keys])
+      accs[protocol].add(i, _query_scores(pos, junk_pos, nres, kappas))
   out: dict[str, Any] = {}
   per_query: dict[str, list[float]] = {}
   for protocol in PROTOCOLS:
     s = _SHORT[protocol]
-    m, aps, mpr, _ = compute_map(ranks, protocol_gnd(gnd, protocol), kappas)
+    m, aps, mpr, _ = accs[protocol].result()
     out[f"mAP_{s}"] = float(m)
     for kappa, value in zip(kappas, mpr):
-      out[f"mP@{int(kappa)}_{s}"] = float(value)
+      out[f"mP@{kappa}_{s}"] = float(value)
     per_query[s] = [float(a) for a in aps]
   out["per_query"] = per_query
   return out

@@ -163,7 +163,8 @@ def ranks_from_indices(indices: np.ndarray, n_db: int | None = None) -> np.ndarr
     n_db: if given, require a complete ranking (k == n_db).
 
   Returns:
-    int64 array of shape (k, n_queries). With k < n_db the ranking is truncated:
+    int64 array of shape (k, n_queries) (a transposed, Fortran-ordered view:
+    each query's ranking is contiguous). With k < n_db the ranking is truncated:
     `metrics.compute_map` then counts unranked positives as misses.
   """
   indices = np.asarray(indices)
@@ -171,7 +172,7 @@ def ranks_from_indices(indices: np.ndarray, n_db: int | None = None) -> np.ndarr
     raise ValueError(f"indices must be [nq, k], got shape {indices.shape}")
   if n_db is not None and indices.shape[1] != n_db:
     raise ValueError(f"need a full ranking: k={indices.shape[1]} != n_db={n_db}")
-  return np.ascontiguousarray(indices.T.astype(np.int64))
+  return indices.astype(np.int64).T  # F-ordered view: each query contiguous
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "precision"))
@@ -199,8 +200,9 @@ def full_ranking(
     precision: matmul precision.
 
   Returns:
-    int64 ranks of shape (n_db, n_queries): column i lists all database indices by
-    descending similarity to query i (stable: ties keep the lower index first).
+    int64 ranks of shape (n_db, n_queries) (Fortran-ordered): column i lists all
+    database indices by descending similarity to query i (stable: ties keep the
+    lower index first).
   """
   if metric not in _METRICS:
     raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -225,4 +227,4 @@ def full_ranking(
       for b in range(n_batches)
   ]
   order = np.concatenate([np.asarray(p) for p in parts])[:nq]
-  return np.ascontiguousarray(order.T.astype(np.int64))
+  return order.astype(np.int64).T  # F-ordered view: each query contiguous

@@ -1,0 +1,134 @@
+"""Tests for exact chunked top-k search and full rankings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qaff_jax.evaluation import metrics, search
+
+
+def _int_data(seed, nq, n, d):
+  """Small-integer descriptors: dot products are exact in float32 and tie often."""
+  rng = np.random.default_rng(seed)
+  q = rng.integers(-2, 3, size=(nq, d)).astype(np.float32)
+  x = rng.integers(-2, 3, size=(n, d)).astype(np.float32)
+  return q, x
+
+
+def _reference_topk(q, x, k):
+  s = q.astype(np.float64) @ x.astype(np.float64).T
+  order = np.argsort(-s, axis=1, kind="stable")[:, :k]  # ties: lower index first
+  return np.take_along_axis(s, order, axis=1), order
+
+
+@pytest.mark.parametrize(
+    "n,chunk,k,batch",
+    [
+        (1000, 64, 1, 5),     # many chunks, last one overlaps the previous
+        (1000, 64, 10, 13),   # one query batch, not a multiple of anything
+        (1000, 64, 100, 4),   # k > chunk
+        (1000, 64, 1000, 6),  # k == n: complete ranking
+        (1000, 250, 17, 3),   # n a multiple of chunk
+        (130, 129, 130, 7),   # last chunk overlaps all but one row
+        (50, 4096, 20, 100),  # chunk clipped to n
+        (1, 8, 1, 2),
+    ])
+def test_exact_search_matches_stable_argsort(n, chunk, k, batch):
+  q, x = _int_data(n + chunk, 13, n, 6)
+  scores, idx = search.exact_search(q, x, k, chunk_size=chunk,
+                                    query_batch_size=batch)
+  ref_scores, ref_idx = _reference_topk(q, x, k)
+  assert scores.shape == (13, k) and idx.shape == (13, k)
+  assert idx.dtype == np.int64 and scores.dtype == np.float32
+  np.testing.assert_array_equal(idx, ref_idx)
+  np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+  # Padded/overlap rows never come back: valid and unique per query.
+  assert idx.min() >= 0 and idx.max() < n
+  assert all(len(set(row)) == k for row in idx.tolist())
+
+
+def test_exact_search_float_and_jax_inputs():
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(9, 32))  # float64 input is converted to float32
+  x = rng.normal(size=(777, 32))
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  scores, idx = search.exact_search(jnp.asarray(q, jnp.float32),
+                                    jnp.asarray(x, jnp.float32), 25,
+                                    chunk_size=100, query_batch_size=4)
+  ref_scores, ref_idx = _reference_topk(q, x, 25)
+  np.testing.assert_array_equal(idx, ref_idx)
+  np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+
+def test_cosine_metric_normalises_on_the_fly():
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(5, 16)).astype(np.float32) * 3.0
+  x = rng.normal(size=(300, 16)).astype(np.float32)
+  x *= rng.uniform(0.1, 10.0, size=(300, 1)).astype(np.float32)
+  scores, idx = search.exact_search(q, x, 30, chunk_size=64, metric="cosine")
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+  ref_scores, ref_idx = _reference_topk(qn, xn, 30)
+  np.testing.assert_array_equal(idx, ref_idx)
+  np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+
+def test_exact_search_argument_errors():
+  q, x = _int_data(0, 2, 10, 4)
+  with pytest.raises(ValueError, match="k must be"):
+    search.exact_search(q, x, 11)
+  with pytest.raises(ValueError, match="dim"):
+    search.exact_search(q[:, :3], x, 2)
+  with pytest.raises(ValueError, match="metric"):
+    search.exact_search(q, x, 2, metric="l2")
+  s, i = search.exact_search(q[:0], x, 3)
+  assert s.shape == (0, 3) and i.shape == (0, 3)
+
+
+def test_one_compilation_serves_all_chunks_and_batches():
+  q, x = _int_data(3, 20, 500, 8)
+  search._search_batch.clear_cache()
+  search.exact_search(q, x, 7, chunk_size=64, query_batch_size=6)  # 4 batches
+  assert search._search_batch._cache_size() == 1
+
+
+def test_full_ranking_and_ranks_from_indices():
+  q, x = _int_data(7, 11, 200, 5)
+  ranks = search.full_ranking(q, x, query_batch_size=4)
+  s = q.astype(np.float64) @ x.astype(np.float64).T
+  ref = np.argsort(-s, axis=1, kind="stable").T
+  assert ranks.shape == (200, 11) and ranks.dtype == np.int64
+  np.testing.assert_array_equal(ranks, ref)
+  _, idx = search.exact_search(q, x, 200, chunk_size=48, query_batch_size=5)
+  np.testing.assert_array_equal(search.ranks_from_indices(idx, n_db=200), ranks)
+  with pytest.raises(ValueError, match="full ranking"):
+    search.ranks_from_indices(idx[:, :10], n_db=200)
+  assert search.ranks_from_indices(idx[:, :10]).shape == (10, 11)
+
+
+def test_search_to_revisited_metrics_end_to_end():
+  # Database 0..5 are the query's own direction, the rest are far away.
+  rng = np.random.default_rng(5)
+  q = rng.normal(size=(2, 8)).astype(np.float32)
+  x = rng.normal(size=(40, 8)).astype(np.float32)
+  x[:3] = q[0] * np.array([[3.0], [2.0], [1.0]], np.float32)
+  x[3:6] = q[1] * np.array([[3.0], [2.0], [1.0]], np.float32)
+  gnd = [{"easy": [0, 1], "hard": [2], "junk": []},
+         {"easy": [3], "hard": [4, 5], "junk": []}]
+  ranks = search.full_ranking(q, x, metric="dot")
+  res = metrics.evaluate_revisited(ranks, gnd)
+  assert res["mAP_M"] == 1.0 and res["mP@1_E"] == 1.0
+
+
+@pytest.mark.accelerator
+def test_large_database_on_accelerator():
+  # 1M x 2048 float32 (8 GB) kept on the device; k = 100, 70 queries.
+  n, d = 1_000_000, 2048
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (n, d), jnp.float32)
+  q = x[jnp.array([5, 999_999, 123_456])] + 0.01
+  scores, idx = search.exact_search(q, x, 100, chunk_size=65536)
+  assert idx[:, 0].tolist() == [5, 999_999, 123_456]
+  assert (np.diff(scores, axis=1) <= 0).all()
