@@ -22,6 +22,8 @@ in its stream, so summing `skipped` over all batches gives the total. Records
 dropped by the class allowlist are not counted.
 
 Images are uint8; normalise on device with `transforms.normalize_jnp`.
+Paths are local (or FUSE-mounted) files. Memory: the TFRecord shuffle window
+holds `shuffle_buffer` encoded records per worker process.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -45,7 +48,7 @@ SHARD_GLOB = "train-*-of-*"
 DEFAULT_CYCLE_LENGTH = 16
 # A stream that yields this many corrupt/dropped records in a row without one
 # usable element is broken (e.g. every record fails): raise instead of looping.
-MAX_CONSECUTIVE_SKIPS = 100_000
+MAX_CONSECUTIVE_SKIPS = 10_000
 
 _OK, _CORRUPT, _DROPPED = 0, 1, 2
 
@@ -72,7 +75,8 @@ def resolve_files(pattern: str) -> list[str]:
       matches = glob.glob(os.path.join(part, SHARD_GLOB))
     else:
       matches = glob.glob(part)
-    files.update(m for m in matches if os.path.isfile(m))
+    # `.tmp` files are unfinished writes (records.write_tfrecord).
+    files.update(m for m in matches if os.path.isfile(m) and not m.endswith(".tmp"))
   if not files:
     raise FileNotFoundError(
         f"no shard matched train_files={pattern!r} (expected a glob, a comma "
@@ -115,6 +119,14 @@ def read_class_allowlist(path: str) -> list[int]:
   if not labels:
     raise ValueError(f"class allowlist {path} lists no labels")
   return sorted(labels)
+
+
+def num_classes(data_cfg: Any) -> int:
+  """Classes the model must predict: the allowlist size when relabelling."""
+  path = _get(data_cfg, "class_allowlist", "")
+  if path and _get(data_cfg, "relabel", False):
+    return len(read_class_allowlist(path))
+  return int(data_cfg.num_classes)
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
@@ -281,7 +293,7 @@ class TrainTransform:
     self.allowed = None if allowed_labels is None else frozenset(allowed_labels)
     self.label_map = None
     if allowed_labels is not None and relabel:
-      self.label_map = {l: i for i, l in enumerate(sorted(self.allowed))}
+      self.label_map = {lab: i for i, lab in enumerate(sorted(self.allowed))}
 
   def __call__(self, element: dict[str, Any],
                rng: np.random.Generator) -> dict[str, Any]:
@@ -403,8 +415,8 @@ def make_train_dataset(data_cfg: Any, *, local_batch_size: int, seed: int,
       color_jitter=float(_get(data_cfg, "color_jitter", 0.0)),
       allowed_labels=allowed,
       relabel=bool(_get(data_cfg, "relabel", False)))
-  window_seed, aug_seed = _derived_seeds(seed, 2)
   seed = int(seed) % 2**32
+  window_seed, aug_seed = _derived_seeds(seed, 2)
 
   if fmt == "tfrecord":
     my_files = files[process_index::process_count]
@@ -433,12 +445,20 @@ def make_train_dataset(data_cfg: Any, *, local_batch_size: int, seed: int,
           .shuffle(seed=seed)  # per-epoch seed = seed + epoch
           .repeat())
     ds = ds[process_index::process_count]
-    ds = ds.random_map(transform, seed=aug_seed)
-    ds = ds.to_iter_dataset()
+    ds = ds.random_map(transform, seed=aug_seed)  # rng keyed by element index
+    # Threads decode ahead; bound the buffer of decoded images (Grain's
+    # default of 500 is ~400 MB per worker at 512 px).
+    ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=16, prefetch_buffer_size=max(64, 2 * local_batch_size)))
 
   ds = SkipCountIterDataset(ds)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   num_workers = int(_get(data_cfg, "num_workers", 0))
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain's worker start-up reads its absl flags; outside an absl app
+      # (notebooks, tests) use their defaults instead of crashing.
+      log.info("absl flags not parsed; using defaults for Grain's flags")
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return ds

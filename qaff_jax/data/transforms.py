@@ -47,6 +47,8 @@ def decode_image(data: bytes) -> np.ndarray:
       if img.mode != "RGB":
         img = img.convert("RGB")
       arr = np.asarray(img, dtype=np.uint8)
+  except Image.UnidentifiedImageError:
+    raise ValueError("undecodable image (unrecognised format)") from None
   except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBomb...
     raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from None
   if arr.ndim != 3 or arr.shape[-1] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
