@@ -297,6 +297,8 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
   or preempt a run mid-way). Returns the last logged metrics and, with
   `config.eval.at_end`, the evaluation results.
   """
+  if config.data.class_allowlist and config.data.relabel:
+    config.data.num_classes = pipeline.num_classes(config.data)  # RGLDv2: count kept classes
   check_config(config)
   save_config(config, workdir)
 

@@ -82,6 +82,9 @@ class RetrievalModel(nnx.Module):
       fmap = self.backbone(x)
     cell_mask = None
     if mask is not None:
+      if mask.shape != images.shape[:3]:
+        raise ValueError(f"mask shape {mask.shape} must be images' [B, H, W] "
+                         f"{images.shape[:3]}")
       cell_mask = downsample_mask(mask, fmap.shape[1:3],
                                   self.backbone.output_stride)
     out = dict(self.head(fmap, cell_mask, **kwargs))
