@@ -20,8 +20,17 @@ _INIT_FROM = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops the INFO chatter of Orbax/Grain/absl internals; warnings still pass."""
+
+  def filter(self, record):
+    noisy = ("orbax" in record.pathname or "grain" in record.pathname)
+    return record.levelno >= logging.logging.WARNING or not noisy
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from qaff_jax import parallel, train_lib
   from qaff_jax.data import demo
   from qaff_jax.evaluation import report

@@ -158,7 +158,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
   logits_sharding = NamedSharding(mesh, P(None, parallel.CLASS_AXES))
 
   def loss_fn(params, model_state, images, labels):
-    module = nnx.merge(graphdef, params, model_state)
+    module = nnx.merge(graphdef, params, model_state, copy=True)
     out = module.net(transforms.normalize_jnp(images))
     loss, correct = losses.margin_softmax_loss(
         out["descriptor"], module.classifier.weight.value, labels,

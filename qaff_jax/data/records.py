@@ -161,7 +161,7 @@ def make_gldv2_example(encoded: bytes, label: int, image_id: str,
   _bytes(feat["image/id"], image_id.encode())
   _bytes(feat["image/encoded"], encoded)
   _int(feat["image/class/label"], label)
-  return ex.SerializeToString()
+  return ex.SerializeToString(deterministic=True)  # map order fixed: same bytes every run
 
 
 def parse_gldv2_example(raw: bytes) -> ImageRecord:
