@@ -49,16 +49,18 @@ def maybe_initialize_distributed() -> None:
                  jax.local_device_count(), jax.device_count())
 
 
-def make_mesh(model_axis: int = 1) -> Mesh:
-  """A (`data`, `model`) mesh over all devices; `data` takes what `model` leaves."""
-  n = jax.device_count()
+def make_mesh(model_axis: int = 1, devices=None) -> Mesh:
+  """A (`data`, `model`) mesh over `devices` (default: all); `data` takes what `model` leaves."""
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
   if model_axis < 1 or n % model_axis:
     raise ValueError(f"config.mesh.model={model_axis} does not divide the "
                      f"{n} available devices")
   # Auto axes: XLA's partitioner places the collectives; our code only pins
   # shardings at the boundaries (inputs, state, the class-matrix logits).
   auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.make_mesh((n // model_axis, model_axis), ("data", "model"), axis_types=auto)
+  return jax.make_mesh((n // model_axis, model_axis), ("data", "model"),
+                       axis_types=auto, devices=devices)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

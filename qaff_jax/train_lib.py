@@ -161,7 +161,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
     module = nnx.merge(graphdef, params, model_state, copy=True)
     out = module.net(transforms.normalize_jnp(images))
     loss, correct = losses.margin_softmax_loss(
-        out["descriptor"], module.classifier.weight.value, labels,
+        out["descriptor"], module.classifier.weight[...], labels,
         num_classes=num_classes, name=config.loss.name, scale=config.loss.scale,
         margin=config.loss.margin, embedding_sharding=emb_sharding,
         logits_sharding=logits_sharding)
@@ -197,7 +197,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
       "loss": loss,
       "accuracy": acc,
       "lr": schedule(state.step),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "skipped_records": jnp.sum(batch["skipped"]),
   }
   return new_state, metrics
@@ -395,14 +395,14 @@ def init_backbone_from(state: TrainState, path: str, shardings) -> TrainState:
       raise ValueError(f"--init_from {path}: the checkpoint has no {what}['net']['backbone']")
     pure = nnx.to_pure_dict(target)
     dst = pure["net"]["backbone"]
-    flat_src = dict(jax.tree_util.tree_flatten_with_path(src)[0])
-    flat_dst, treedef = jax.tree_util.tree_flatten_with_path(dst)
-    missing = [jax.tree_util.keystr(k) for k, _ in flat_dst if k not in flat_src]
+    flat_src = {_key(k): v for k, v in jax.tree_util.tree_flatten_with_path(src)[0]}
+    flat_dst = jax.tree_util.tree_flatten_with_path(dst)[0]
+    missing = [jax.tree_util.keystr(k) for k, _ in flat_dst if _key(k) not in flat_src]
     if missing:
       raise ValueError(f"--init_from {path}: backbone {what} missing {missing[:10]}")
     new = []
     for k, v in flat_dst:
-      s = np.asarray(flat_src[k])
+      s = np.asarray(flat_src[_key(k)])
       if s.shape != v.shape:
         raise ValueError(f"--init_from {path}: {what} {jax.tree_util.keystr(k)} has "
                          f"shape {s.shape}, the model wants {v.shape}")
@@ -418,6 +418,11 @@ def init_backbone_from(state: TrainState, path: str, shardings) -> TrainState:
   model_state = take(state.model_state, _pure(src_state.get("model_state")), "model_state")
   new = state.replace(params=params, model_state=model_state)
   return jax.device_put(new, shardings)
+
+
+def _key(path) -> tuple[str, ...]:
+  """A tree path as strings: list index 0 and a restored dict key '0' agree."""
+  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def _pure(tree):

@@ -1,0 +1,242 @@
+"""The trainer: sharded == single device, FSDP layout, resume, preemption, NaN, errors, e2e."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from qaff_jax import metric_writer, parallel, train_lib
+from qaff_jax.data import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = demo.DemoSpec(num_train_classes=8, views_per_class=6, num_test_landmarks=3,
+                      db_views_per_landmark=6, queries_per_landmark=1, num_distractors=3,
+                      train_size=48, num_shards=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("demo"))
+  demo.generate(root, SMALL)
+  return root
+
+
+def tiny_config(root, **overrides):
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  try:
+    import demo as demo_config  # configs/demo.py
+  finally:
+    sys.path.pop(0)
+  c = demo_config.get_config("quick")
+  c.demo_root = ""
+  c.data.train_files = os.path.join(root, "train")
+  c.data.num_classes = SMALL.num_train_classes
+  c.data.num_train_images = SMALL.num_train_classes * SMALL.views_per_class
+  c.data.image_size = 32
+  c.data.shuffle_buffer = 16
+  c.model.dim = 16
+  c.batch_size = 16
+  c.total_steps = 4
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.eval.at_end = False
+  c.eval.data_root = os.path.join(root, "test")
+  c.eval.max_side = 64
+  c.eval.scales = (1.0,)
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def losses_by_step(workdir):
+  rows = {}
+  for r in metric_writer.read_metrics(workdir):
+    rows[r["step"]] = r["loss"]
+  return rows
+
+
+def _batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, s = config.batch_size, config.data.image_size
+  return {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+          "label": rng.integers(0, config.data.num_classes, (b,), dtype=np.int32),
+          "skipped": np.zeros((b,), np.int32)}
+
+
+def _one_step(config, mesh):
+  tx, schedule = train_lib.make_optimizer(config)
+  graphdef, state, shardings = train_lib.create_train_state(config, mesh, tx)
+  step = train_lib.jit_train_step(graphdef, tx, schedule, config, mesh, shardings)
+  state, metrics = step(state, parallel.global_batch(_batch(config), mesh), jax.random.key(0))
+  return jax.device_get(state), jax.device_get(metrics), state
+
+
+def test_sharded_step_equals_single_device(data_root):
+  config = tiny_config(data_root, **{"optim.name": "sgd", "optim.lr": 0.1,
+                                     "optim.warmup_epochs": 0.0})
+  single, m1, _ = _one_step(config, parallel.make_mesh(1, jax.devices()[:1]))
+  sharded, m8, live = _one_step(config, parallel.make_mesh(2))
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(single.model_state), jax.tree.leaves(sharded.model_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Class rows are split over all 8 devices even in plain data parallel.
+  w = live.params["classifier"]["weight"][...]
+  assert w.sharding.spec == P(parallel.CLASS_AXES, None)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_param_shardings_follow_config(data_root, fsdp):
+  config = tiny_config(data_root, **{"mesh.fsdp": fsdp, "mesh.model": 2})
+  mesh = parallel.make_mesh(2)
+  tx, _ = train_lib.make_optimizer(config)
+  _, state, shardings = train_lib.create_train_state(config, mesh, tx)
+  def check(tree):
+    n_sharded = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if not getattr(leaf, "ndim", 0):
+        continue
+      spec, name = leaf.sharding.spec, jax.tree_util.keystr(path)
+      if "classifier" in name:
+        assert spec == P(parallel.CLASS_AXES, None), name
+      elif fsdp and leaf.size >= parallel.FSDP_MIN_SIZE:
+        assert "data" in tuple(spec), (name, spec)
+        n_sharded += 1
+      else:
+        assert all(s is None for s in spec), (name, spec)
+    return n_sharded
+
+  n_params = check(state.params)
+  assert (n_params > 0) == fsdp
+  # Optimizer state (AdamW moments) follows the same layout.
+  assert check(state.opt_state) == 2 * n_params
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_run_resumes_with_identical_losses(data_root, tmp_path):
+  config = tiny_config(data_root, total_steps=6)
+  full = str(tmp_path / "full")
+  train_lib.train_and_evaluate(config, full)
+
+  broken = str(tmp_path / "broken")
+
+  def kill_at_3(step):
+    if step == 3:
+      raise _Killed()
+
+  with pytest.raises(_Killed):
+    train_lib.train_and_evaluate(config, broken, on_step=kill_at_3)
+  assert os.path.isdir(os.path.join(broken, "checkpoints", "2"))
+  assert not os.path.exists(os.path.join(broken, "checkpoints", "4"))
+  train_lib.train_and_evaluate(config, broken)  # resumes from step 2
+  want, got = losses_by_step(full), losses_by_step(broken)
+  assert sorted(got) == sorted(want) == list(range(1, 7))
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_sigterm_saves_and_stops_cleanly(data_root, tmp_path):
+  config = tiny_config(data_root, total_steps=6, checkpoint_every=100)
+  workdir = str(tmp_path / "run")
+
+  def preempt(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  out = train_lib.train_and_evaluate(config, workdir, on_step=preempt)
+  assert out["preempted_at"] == 4  # the flag is seen at the next step, which saves
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+  out = train_lib.train_and_evaluate(config, workdir)
+  assert "preempted_at" not in out
+  assert max(losses_by_step(workdir)) == 6
+
+
+def test_nan_loss_stops_without_a_bad_checkpoint(data_root, tmp_path):
+  config = tiny_config(data_root, **{"optim.lr": 1e30, "optim.name": "sgd",
+                                     "optim.warmup_epochs": 0.0, "total_steps": 6})
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError, match="loss is nan"):
+    train_lib.train_and_evaluate(config, workdir)
+  steps = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert all(not s.isdigit() or int(s) < 2 for s in steps), steps
+
+
+def test_bad_config_and_paths_give_clear_errors(data_root, tmp_path):
+  with pytest.raises(ValueError, match="config.data.train_files"):
+    train_lib.train_and_evaluate(tiny_config(data_root, **{"data.train_files": ""}),
+                                 str(tmp_path / "a"))
+  missing = str(tmp_path / "nowhere" / "train-*")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    train_lib.train_and_evaluate(tiny_config(data_root, **{"data.train_files": missing}),
+                                 str(tmp_path / "b"))
+  with pytest.raises(ValueError, match="config.loss.name"):
+    train_lib.train_and_evaluate(tiny_config(data_root, **{"loss.name": "arcfaec"}),
+                                 str(tmp_path / "c"))
+  with pytest.raises(ValueError, match="model.backbone"):
+    train_lib.train_and_evaluate(tiny_config(data_root, **{"model.backbone": "resnet99"}),
+                                 str(tmp_path / "d"))
+
+
+def test_cli_rejects_misspelled_override(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "qaff_jax.train", "--config", "configs/demo.py:quick",
+       "--workdir", str(tmp_path), "--config.optim.lrr=0.1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "lrr" in proc.stderr
+  proc = subprocess.run(
+      [sys.executable, "-m", "qaff_jax.train", "--config", "configs/demo.py:quik",
+       "--workdir", str(tmp_path)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "quik" in proc.stderr
+
+
+def test_end_to_end_train_then_evaluate(data_root, tmp_path):
+  config = tiny_config(data_root, total_steps=2, **{"eval.at_end": True, "grad_accum": 2})
+  workdir = str(tmp_path / "run")
+  out = train_lib.train_and_evaluate(config, workdir)
+  assert np.isfinite(out["loss"])
+  m = out["eval"]["demo"]
+  for key in ("mAP_E", "mAP_M", "mAP_H", "mP@1_E", "mP@10_H"):
+    assert 0.0 <= m[key] <= 1.0
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    assert json.load(f)["results"]["demo"]["mAP_M"] == pytest.approx(m["mAP_M"])
+  saved = train_lib.load_config(workdir)
+  assert saved.data.image_size == 32
+  assert os.listdir(os.path.join(workdir, "tb"))
+  rows = metric_writer.read_metrics(workdir)
+  assert {"loss", "accuracy", "lr", "img_per_sec", "skipped_records"} <= set(rows[-1])
+
+
+def test_init_from_copies_backbone(data_root, tmp_path):
+  config = tiny_config(data_root, total_steps=2)
+  first = str(tmp_path / "first")
+  train_lib.train_and_evaluate(config, first)
+  config2 = tiny_config(data_root, total_steps=1, seed=7)
+  mesh = parallel.make_mesh(config2.mesh.model)
+  tx, _ = train_lib.make_optimizer(config2)
+  graphdef, state, shardings = train_lib.create_train_state(config2, mesh, tx)
+  loaded = train_lib.init_backbone_from(state, os.path.join(first, "checkpoints"), shardings)
+  src = train_lib.ckpt_lib.restore_params_from(os.path.join(first, "checkpoints"))
+  got = jax.device_get(loaded.params["net"]["backbone"]["conv1"]["kernel"][...])
+  want = np.asarray(train_lib._pure(src["params"])["net"]["backbone"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(got, want)
+  fresh = jax.device_get(state.params["net"]["head"]["whiten"]["kernel"][...])
+  kept = jax.device_get(loaded.params["net"]["head"]["whiten"]["kernel"][...])
+  np.testing.assert_array_equal(fresh, kept)  # the head is not touched
