@@ -64,7 +64,7 @@ def run(config, steps: int, warmup: int) -> dict:
 
   for _ in range(warmup):
     state, metrics = compiled(state, batch, key)
-  jax.block_until_ready(metrics)
+  jax.block_until_ready(state)
   t0 = time.perf_counter()
   for _ in range(steps):
     state, metrics = compiled(state, batch, key)
