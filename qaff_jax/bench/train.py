@@ -85,7 +85,7 @@ def run(config, steps: int, warmup: int) -> dict:
       "peak_device_mem_gib": round(peak / 2 ** 30, 3) if peak else None,
       "compiled_temp_gib": round(mem.temp_size_in_bytes / 2 ** 30, 3) if mem else None,
       "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
-      "step_gflops": round(flops / 1e9, 1),
+      "step_gflops": round(flops / 1e9, 4),
   }
   peak_f = peak_flops(dev)
   if peak_f and flops:
