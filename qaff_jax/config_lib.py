@@ -101,4 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.scales = (0.7071067811865476, 1.0, 1.4142135623730951)
   c.eval.batch_size = 8
   c.eval.at_end = False            # evaluate after training finishes
+  c.eval.search = "exact"          # exact | scann
+  c.eval.rerank = "none"           # none | superglobal | aqe | dba
+  c.eval.superglobal = ml_collections.ConfigDict(dict(m=400, knn=9, beta=0.15))
+  c.eval.qe = ml_collections.ConfigDict(dict(n=2, alpha=3.0))   # aQE and DBA
+  # ScaNN: 0 = choose from the database size (sqrt(n) leaves, 16% searched, reorder 5k).
+  c.eval.scann = ml_collections.ConfigDict(dict(
+      num_leaves=0, num_leaves_to_search=0, reorder=0, training_sample_size=250_000,
+      dims_per_block=2, anisotropic_quantization_threshold=0.2))
   return c

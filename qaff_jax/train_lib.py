@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qaff_jax import checkpoint as ckpt_lib
+from qaff_jax import config_lib
 from qaff_jax import losses
 from qaff_jax import metric_writer
 from qaff_jax import models
@@ -114,26 +115,41 @@ def state_shardings(abstract_state: TrainState, mesh, fsdp: bool):
   return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
-def create_train_state(config, mesh, tx):
-  """Builds the state directly into its shardings (no unsharded copy is made).
-
-  Returns (graphdef, state, shardings); `graphdef` is the static module
-  structure that `nnx.merge` combines with `state.params`/`state.model_state`.
-  """
-  rows = num_class_rows(config.data.num_classes, mesh)
-
+def _init_fn(config, tx, rows: int):
   def init(rng):
     module = Trainable(config, num_rows=rows, rngs=nnx.Rngs(rng))
     _, params, rest = nnx.split(module, nnx.Param, ...)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       model_state=rest, opt_state=tx.init(params))
+  return init
 
-  rng = jax.random.key(config.seed)
+
+def abstract_train_state(config, mesh, tx):
+  """(graphdef, abstract state with shardings, shardings), computing nothing.
+
+  `graphdef` is the static module structure that `nnx.merge` combines with
+  `state.params` / `state.model_state`; the abstract state is what a
+  checkpoint restores into.
+  """
+  rows = num_class_rows(config.data.num_classes, mesh)
   graphdef = nnx.split(nnx.eval_shape(
       lambda: Trainable(config, num_rows=rows, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(_init_fn(config, tx, rows), jax.random.key(config.seed))
   shardings = state_shardings(abstract, mesh, config.mesh.fsdp)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return graphdef, abstract, shardings
+
+
+def create_train_state(config, mesh, tx):
+  """Builds the state directly into its shardings (no unsharded copy is made).
+
+  Returns (graphdef, state, shardings).
+  """
+  graphdef, _, shardings = abstract_train_state(config, mesh, tx)
+  rows = num_class_rows(config.data.num_classes, mesh)
+  init = _init_fn(config, tx, rows)
+  state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
   return graphdef, state, shardings
 
 
@@ -255,8 +271,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: not a training workdir (no config.json)")
   with open(path, encoding="utf-8") as f:
-    d = json.load(f)
-  return ml_collections.ConfigDict(_lists_to_tuples(d))
+    saved = _lists_to_tuples(json.load(f))
+  # Fields added since the run was made take their defaults.
+  return ml_collections.ConfigDict(_merge(config_lib.base_config().to_dict(), saved))
+
+
+def _merge(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+  return out
 
 
 def _lists_to_tuples(d):
@@ -328,7 +352,7 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
                                keep=config.keep_checkpoints)
   last_saved = ckpt.latest_step()
   if last_saved is not None:
-    state = ckpt.restore(last_saved, _abstract(state), data_iter)
+    state = ckpt.restore(last_saved, abstract_train_state(config, mesh, tx)[1], data_iter)
     logging.info("resumed from step %d", last_saved)
   elif init_from:
     state = init_backbone_from(state, init_from, shardings)
@@ -378,11 +402,6 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
     from qaff_jax.evaluation import hook  # evaluation reads the state, not the loop
     result["eval"] = hook.evaluate_state(config, graphdef, state, mesh, workdir)
   return result
-
-
-def _abstract(state):
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 def init_backbone_from(state: TrainState, path: str, shardings) -> TrainState:

@@ -1,0 +1,86 @@
+r"""Evaluate retrieval on Revisited Oxford/Paris (+R1M): from a checkpoint,
+from precomputed descriptors, or from rankings.
+
+python -m qaff_jax.evaluate --workdir runs/r101 --data_dir /data/revisitop \
+    --datasets roxford5k,rparis6k [--r1m /data/revisitop1m] [--search exact|scann] \
+    [--rerank none|superglobal|aqe|dba]
+python -m qaff_jax.evaluate --query_features Q.npy --db_features X.npy \
+    --gnd gnd_roxford5k.pkl --rerank superglobal --json
+python -m qaff_jax.evaluate --ranks R.npy --gnd gnd_roxford5k.pkl --json
+
+Descriptor files hold one row per image in `qimlist` / `imlist` order; a ranks
+file has shape (n_db, n_queries), column i ranking the database for query i
+(the revisitop convention), and `--ranks_out` writes the same convention.
+With --json, stdout carries exactly one JSON object of metrics (fractions in
+[0, 1]): flat keys (mAP_E, mP@1_E, ...) for one dataset, nested by dataset
+name for several.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file; default: the run's saved config.json.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (checkpoints/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "revisitop root: <root>/<name>/gnd_<name>.pkl, jpg/.")
+_DATASETS = flags.DEFINE_string("datasets", None, "Comma list, e.g. roxford5k,rparis6k "
+                                "(default: config.eval.datasets).")
+_R1M = flags.DEFINE_string("r1m", None, "R1M distractors: a folder of images, or a list "
+                           "file of paths relative to --r1m_root.")
+_R1M_ROOT = flags.DEFINE_string("r1m_root", None, "Folder the --r1m list is relative to "
+                                "(default: the list file's folder).")
+_SEARCH = flags.DEFINE_enum("search", None, ["exact", "scann"], "Search backend "
+                            "(default: config.eval.search).")
+_RERANK = flags.DEFINE_enum("rerank", None, ["none", "superglobal", "aqe", "dba"],
+                            "Re-ranking (default: config.eval.rerank).")
+_K = flags.DEFINE_integer("k", None, "Ranking length (default: whole database for exact, "
+                          "1000 for ScaNN).")
+_QUERY_FEATURES = flags.DEFINE_string("query_features", None, "Query descriptors .npy.")
+_DB_FEATURES = flags.DEFINE_string("db_features", None, "Database descriptors .npy.")
+_RANKS = flags.DEFINE_string("ranks", None, "Rankings .npy, shape (n_db, n_queries).")
+_GND = flags.DEFINE_string("gnd", None, "Ground truth gnd_<name>.pkl.")
+_RANKS_OUT = flags.DEFINE_string("ranks_out", None, "Write the final ranking (.npy; "
+                                 "<name> in the path is replaced by the dataset name).")
+_JSON = flags.DEFINE_bool("json", False, "Print metrics as one JSON object on stdout.")
+_SKIP_MISSING = flags.DEFINE_bool("skip_missing", False, "Count missing/unreadable images "
+                                  "instead of failing.")
+_OUT = flags.DEFINE_string("out", None, "Report folder (default: <workdir>/eval or ./eval_report).")
+
+
+def main(argv):
+  del argv
+  from qaff_jax import config_lib
+  from qaff_jax.evaluation import cli, runner
+  config = _CONFIG.value
+  if config is None and _WORKDIR.value is None:
+    config = config_lib.base_config()
+  request = cli.Request(
+      workdir=_WORKDIR.value, step=_STEP.value, data_dir=_DATA_DIR.value,
+      datasets=_DATASETS.value, r1m=_R1M.value, r1m_root=_R1M_ROOT.value,
+      search=_SEARCH.value, rerank=_RERANK.value, k=_K.value,
+      query_features=_QUERY_FEATURES.value, db_features=_DB_FEATURES.value,
+      ranks=_RANKS.value, gnd=_GND.value, ranks_out=_RANKS_OUT.value,
+      skip_missing=_SKIP_MISSING.value, out=_OUT.value)
+  results, info, report_dir = cli.run(request, config)
+  if _JSON.value:
+    flat = {name: runner.flat_metrics(r) for name, r in results.items()}
+    payload = next(iter(flat.values())) if len(flat) == 1 else flat
+    sys.stdout.write(json.dumps(payload) + "\n")
+  else:
+    from qaff_jax.evaluation import report
+    print(report.markdown_table(results))
+    for name, extra in info.items():
+      print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in extra.items()))
+  logging.info("report: %s", os.path.abspath(report_dir))
+
+
+if __name__ == "__main__":
+  app.run(main)

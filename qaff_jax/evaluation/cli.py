@@ -1,0 +1,217 @@
+"""What `python -m qaff_jax.evaluate` does, as an importable function.
+
+Three entry modes, chosen by which inputs are given:
+  ranks       --ranks R.npy --gnd G.pkl                 -> metrics
+  features    --query_features Q.npy --db_features X.npy --gnd G.pkl
+                                                        -> search -> re-rank -> metrics
+  checkpoint  --workdir RUN --data_dir ROOT --datasets a,b [--r1m ...]
+                                                        -> extract -> search -> re-rank -> metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+
+import numpy as np
+
+from qaff_jax.data import revisited
+from qaff_jax.evaluation import report
+from qaff_jax.evaluation import runner
+from qaff_jax.evaluation import search
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass
+class Request:
+  workdir: str | None = None
+  step: int | None = None
+  data_dir: str | None = None
+  datasets: str | None = None
+  r1m: str | None = None
+  r1m_root: str | None = None
+  search: str | None = None
+  rerank: str | None = None
+  k: int | None = None
+  query_features: str | None = None
+  db_features: str | None = None
+  ranks: str | None = None
+  gnd: str | None = None
+  ranks_out: str | None = None
+  skip_missing: bool = False
+  out: str | None = None
+
+
+def _name_of_gnd(path: str) -> str:
+  base = os.path.splitext(os.path.basename(path))[0]
+  return base[4:] if base.startswith("gnd_") else base
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what}: no file {path}")
+  try:
+    return np.load(path, allow_pickle=False)
+  except Exception as e:
+    raise ValueError(f"{what}: cannot read {path} as .npy ({e})") from None
+
+
+def _check_features(q: np.ndarray, db: np.ndarray, gnd: dict, gnd_path: str, req: Request):
+  nq, n_db = len(gnd["qimlist"]), len(gnd["imlist"])
+  if q.ndim != 2 or q.shape[0] != nq:
+    raise ValueError(f"--query_features {req.query_features}: shape {q.shape}, want "
+                     f"({nq}, D) rows in qimlist order of {gnd_path}")
+  if db.ndim != 2 or db.shape[0] != n_db:
+    raise ValueError(f"--db_features {req.db_features}: shape {db.shape}, want "
+                     f"({n_db}, D) rows in imlist order of {gnd_path}")
+  if q.shape[1] != db.shape[1]:
+    raise ValueError(f"descriptor sizes differ: queries {q.shape[1]}, database {db.shape[1]}")
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+
+
+def _write_ranks(path: str | None, name: str, indices: np.ndarray, several: bool) -> None:
+  if not path:
+    return
+  if several and "<name>" not in path:
+    root, ext = os.path.splitext(path)
+    path = f"{root}_{name}{ext or '.npy'}"
+  path = path.replace("<name>", name)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.save(path, search.ranks_from_indices(indices))
+
+
+def _search_kwargs(req: Request, config) -> dict:
+  ev = config.eval
+  method = req.rerank or ev.rerank
+  params = {}
+  if method == "superglobal":
+    params = dict(m=ev.superglobal.m, knn=ev.superglobal.knn, beta=ev.superglobal.beta)
+  elif method in ("aqe", "dba"):
+    params = dict(n=ev.qe.n, alpha=ev.qe.alpha)
+  sc = ev.scann
+  scann = {k: v for k, v in dict(
+      num_leaves=sc.num_leaves or None, num_leaves_to_search=sc.num_leaves_to_search or None,
+      reorder=sc.reorder or None, training_sample_size=sc.training_sample_size,
+      dims_per_block=sc.dims_per_block,
+      anisotropic_quantization_threshold=sc.anisotropic_quantization_threshold).items()
+            if v is not None}
+  return dict(backend=req.search or ev.search, k=req.k, rerank=method,
+              rerank_params=params, scann_params=scann)
+
+
+def run(req: Request, config) -> tuple[dict, dict, str]:
+  """Returns (results {dataset: metrics incl. per-query APs}, info {dataset: ...}, report dir)."""
+  if req.ranks:
+    return _run_ranks(req)
+  if req.query_features or req.db_features:
+    return _run_features(req, config)
+  if req.workdir:
+    return _run_checkpoint(req, config)
+  raise ValueError("nothing to evaluate: give --workdir (a training run), or "
+                   "--query_features/--db_features with --gnd, or --ranks with --gnd")
+
+
+def _need_gnd(req: Request) -> tuple[dict, str]:
+  if not req.gnd:
+    raise ValueError("--gnd <gnd_NAME.pkl> is required with --ranks or --*_features")
+  return revisited.load_gnd(req.gnd), _name_of_gnd(req.gnd)
+
+
+def _finish(results, info, req: Request, default_out: str):
+  out = req.out or default_out
+  report.write_report(results, out, extra={"info": info})
+  return results, info, out
+
+
+def _run_ranks(req: Request):
+  if req.rerank not in (None, "none"):
+    raise ValueError("--rerank needs descriptors: use --query_features/--db_features")
+  gnd, name = _need_gnd(req)
+  ranks = _load_npy(req.ranks, "--ranks")
+  nq, n_db = len(gnd["qimlist"]), len(gnd["imlist"])
+  if ranks.ndim != 2 or ranks.shape[1] != nq or ranks.shape[0] > n_db:
+    raise ValueError(f"--ranks {req.ranks}: shape {ranks.shape}, want (n_db={n_db}, "
+                     f"n_queries={nq}) (column i ranks the database for query i)")
+  results = {name: runner.metrics.evaluate_revisited(ranks, gnd["gnd"])}
+  _write_ranks(req.ranks_out, name, np.ascontiguousarray(ranks.T), False)
+  return _finish(results, {name: {"mode": "ranks"}}, req, "eval_report")
+
+
+def _run_features(req: Request, config):
+  if not (req.query_features and req.db_features):
+    raise ValueError("give both --query_features and --db_features")
+  gnd, name = _need_gnd(req)
+  q = _load_npy(req.query_features, "--query_features")
+  db = _load_npy(req.db_features, "--db_features")
+  _check_features(q, db, gnd, req.gnd, req)
+  res = runner.search_and_rerank(_normalize(q), _normalize(db), **_search_kwargs(req, config))
+  results = {name: runner.score(res.indices, gnd["gnd"])}
+  _write_ranks(req.ranks_out, name, res.indices, False)
+  return _finish(results, {name: res.info}, req, "eval_report")
+
+
+def _distractor_files(r1m: str, r1m_root: str | None) -> list[str]:
+  if os.path.isdir(r1m):
+    files = sorted(p for p in glob.glob(os.path.join(r1m, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTS))
+    if not files:
+      raise FileNotFoundError(f"--r1m {r1m}: no images in the folder")
+    return files
+  return revisited.distractor_paths(r1m, r1m_root or os.path.dirname(os.path.abspath(r1m)))
+
+
+def _run_checkpoint(req: Request, config):
+  config, net, mesh, step = runner.load_network(req.workdir, config, req.step)
+  from qaff_jax.evaluation import extract as extract_lib
+  forward = extract_lib.make_forward(net, mesh, keys=("descriptor", "fusion_weights"))
+  ev = config.eval
+  settings = runner.ExtractSettings(max_side=ev.max_side, scales=tuple(ev.scales),
+                                    batch_size=ev.batch_size)
+  root = req.data_dir or ev.data_root
+  if not root:
+    raise ValueError("--data_dir (or config.eval.data_root) is required with --workdir")
+  names = [n.strip() for n in (req.datasets or ev.datasets).split(",") if n.strip()]
+  cache = os.path.join(req.workdir, "eval", "descriptors")
+  tag = f"step{step}_{settings.key()}"
+
+  distractors = None
+  if req.r1m:
+    paths = _distractor_files(req.r1m, req.r1m_root)
+    missing = set(revisited.check_paths(paths, skip_missing=req.skip_missing,
+                                        what="R1M distractors"))
+    loaders, sizes = runner.path_inputs(paths, missing)
+    ids = [os.path.relpath(p, req.r1m_root or os.path.dirname(paths[0])) for p in paths]
+    distractors = runner.cached_extract(
+        os.path.join(cache, f"r1m_{tag}.npz"), ids, loaders, sizes, forward=forward,
+        mesh=mesh, settings=settings)["descriptor"]
+    logging.info("R1M: %d distractors (%d missing)", len(paths), len(missing))
+
+  results, info = {}, {}
+  kwargs = _search_kwargs(req, config)
+  for name in names:
+    ds = revisited.RevisitedDataset(root, name)
+    missing = set(ds.check_images(skip_missing=req.skip_missing))
+    (ql, qs), (dl, dsz) = runner.dataset_inputs(ds, missing)
+    q = runner.cached_extract(os.path.join(cache, f"{name}_query_{tag}.npz"), ds.qimlist,
+                              ql, qs, forward=forward, mesh=mesh, settings=settings)
+    db = runner.cached_extract(os.path.join(cache, f"{name}_db_{tag}.npz"), ds.imlist,
+                               dl, dsz, forward=forward, mesh=mesh, settings=settings)
+    db_desc = db["descriptor"]
+    if distractors is not None:
+      db_desc = np.concatenate([db_desc, distractors])
+    res = runner.search_and_rerank(q["descriptor"], db_desc, **kwargs)
+    results[name] = runner.score(res.indices, ds.gnd)
+    info[name] = {**res.info, "step": step, "missing_images": len(missing),
+                  "r1m": 0 if distractors is None else len(distractors)}
+    if "fusion_weights" in db:
+      info[name]["fusion_weights_mean"] = np.concatenate(
+          [q["fusion_weights"], db["fusion_weights"]]).mean(0).round(4).tolist()
+    _write_ranks(req.ranks_out, name, res.indices, len(names) > 1)
+  return _finish(results, info, req, os.path.join(req.workdir, "eval"))

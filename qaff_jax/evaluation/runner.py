@@ -1,0 +1,251 @@
+"""Evaluation jobs: checkpoint -> descriptors -> search -> re-rank -> metrics -> report.
+
+Everything `python -m qaff_jax.evaluate` does lives here, importable and tested:
+  * `load_network(workdir, ...)`: the eval-mode network of a run's checkpoint;
+  * `cached_extract(...)`: descriptors saved with their image ids and reused;
+  * `search_and_rerank(...)`: exact or ScaNN search, optional re-ranking, with
+    latency, recall against exact search and index bytes per image;
+  * `score(...)`: the revisitop metrics of a ranking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from qaff_jax import checkpoint as ckpt_lib
+from qaff_jax import parallel
+from qaff_jax.data import revisited
+from qaff_jax.evaluation import extract as extract_lib
+from qaff_jax.evaluation import metrics
+from qaff_jax.evaluation import search
+
+BACKENDS = ("exact", "scann")
+RERANK_METHODS = ("none", "superglobal", "aqe", "dba")
+
+
+# ---------------------------------------------------------------------------
+# Model.
+
+
+def load_network(workdir: str, config=None, step: int | None = None):
+  """(config, eval-mode network, mesh, step) from the run in `workdir`.
+
+  The config defaults to the run's saved `config.json`; the step to the latest.
+  """
+  from qaff_jax import train_lib  # the state layout is the trainer's
+  config = config if config is not None else train_lib.load_config(workdir)
+  mesh = parallel.make_mesh(config.mesh.model)
+  tx, _ = train_lib.make_optimizer(config)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6,
+                               async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
+    graphdef, abstract, _ = train_lib.abstract_train_state(config, mesh, tx)
+    state = ckpt.restore(step, abstract)
+  finally:
+    ckpt.close()
+  return config, train_lib.merge_model(graphdef, state, train=False), mesh, step
+
+
+# ---------------------------------------------------------------------------
+# Descriptors.
+
+
+@dataclasses.dataclass
+class ExtractSettings:
+  max_side: int = 1024
+  scales: tuple[float, ...] = extract_lib.DEFAULT_SCALES
+  batch_size: int = 8
+
+  def key(self) -> str:
+    return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True)
+                        .encode()).hexdigest()[:10]
+
+
+def _save_npz(path: str, **arrays) -> None:
+  """Writes atomically: a reader never sees half a file."""
+  d = os.path.dirname(path) or "."
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
+  os.close(fd)
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+def cached_extract(path: str | None, ids: Sequence[str], loaders, sizes, *, forward,
+                   mesh, settings: ExtractSettings) -> dict[str, np.ndarray]:
+  """Extracts (or reloads from `path`) outputs for images `ids`.
+
+  The file holds `ids`, `descriptor` and other per-image outputs (e.g.
+  `fusion_weights`); it is reused only when its ids and settings match.
+  """
+  if path and os.path.exists(path):
+    with np.load(path, allow_pickle=False) as z:
+      if list(z["ids"]) == list(ids) and str(z["settings"]) == settings.key():
+        logging.info("reusing descriptors %s", path)
+        return {k: z[k] for k in z.files if k not in ("ids", "settings")}
+  out = extract_lib.extract(forward, loaders, sizes, mesh=mesh, max_side=settings.max_side,
+                            scales=settings.scales, batch_size=settings.batch_size)
+  if path and jax.process_index() == 0:
+    _save_npz(path, ids=np.asarray(ids, dtype=str), settings=settings.key(), **out)
+  return out
+
+
+def _blank_loader(size):
+  return lambda: np.zeros((*size, 3), np.uint8)
+
+
+def dataset_inputs(ds: revisited.RevisitedDataset, missing: set[str]):
+  """Loaders and sizes for the queries (bbox-cropped) and database of `ds`.
+
+  Missing images (allowed by --skip_missing) become black images of 64x64: they
+  keep their index so the ground truth stays aligned, and they are counted.
+  """
+  q_loaders, q_sizes = [], []
+  for i in range(ds.n_queries):
+    if ds.query_path(i) in missing:
+      q_loaders.append(_blank_loader((64, 64)))
+      q_sizes.append((64, 64))
+      continue
+    img = ds.load_query(i, crop=True)
+    q_loaders.append(lambda img=img: img)
+    q_sizes.append(img.shape[:2])
+  db_loaders, db_sizes = [], []
+  for i in range(ds.n_db):
+    path = ds.db_path(i)
+    if path in missing:
+      db_loaders.append(_blank_loader((64, 64)))
+      db_sizes.append((64, 64))
+      continue
+    db_loaders.append(lambda i=i: ds.load_db(i))
+    db_sizes.append(image_size(path))
+  return (q_loaders, q_sizes), (db_loaders, db_sizes)
+
+
+def image_size(path: str) -> tuple[int, int]:
+  """(height, width) from the file header, after EXIF-free RGB conversion."""
+  with Image.open(path) as im:
+    return im.height, im.width
+
+
+def path_inputs(paths: Sequence[str], missing: set[str]):
+  """Loaders and sizes for plain image files (R1M distractors)."""
+  from qaff_jax.data import transforms
+  loaders, sizes = [], []
+  for p in paths:
+    if p in missing:
+      loaders.append(_blank_loader((64, 64)))
+      sizes.append((64, 64))
+      continue
+
+    def load(p=p):
+      with open(p, "rb") as f:
+        return transforms.decode_image(f.read())
+
+    loaders.append(load)
+    sizes.append(image_size(p))
+  return loaders, sizes
+
+
+# ---------------------------------------------------------------------------
+# Search and re-ranking.
+
+
+@dataclasses.dataclass
+class SearchResult:
+  indices: np.ndarray          # [nq, k] best first
+  scores: np.ndarray           # [nq, k]
+  info: dict                   # backend, latency, recall, bytes/image
+
+
+def search_and_rerank(q: np.ndarray, db: np.ndarray, *, backend: str = "exact",
+                      k: int | None = None, rerank: str = "none",
+                      rerank_params: dict | None = None, scann_params: dict | None = None,
+                      scann_dir: str | None = None) -> SearchResult:
+  """First-stage search (exact or ScaNN) then optional global re-ranking.
+
+  `k` defaults to the whole database for exact search (the revisitop protocol
+  scores full rankings) and to min(n_db, 1000) for ScaNN; a truncated ranking
+  counts positives beyond k as not retrieved.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"--search={backend!r}; choose one of {BACKENDS}")
+  if rerank not in RERANK_METHODS:
+    raise ValueError(f"--rerank={rerank!r}; choose one of {RERANK_METHODS}")
+  q = np.ascontiguousarray(q, np.float32)
+  db = np.ascontiguousarray(db, np.float32)
+  n_db = db.shape[0]
+  info: dict[str, Any] = {"backend": backend, "n_db": n_db, "n_queries": q.shape[0],
+                          "dim": db.shape[1]}
+
+  t0 = time.perf_counter()
+  exact_k = n_db if k is None else min(k, n_db)
+  ex_scores, ex_idx = _exact(q, db, exact_k)
+  exact_s = time.perf_counter() - t0
+  info["exact_ms_per_query"] = 1e3 * exact_s / max(1, q.shape[0])
+  info["exact_bytes_per_image"] = db.shape[1] * 4
+
+  search_fn: Callable | None = None
+  if backend == "exact":
+    scores, idx = ex_scores, ex_idx
+  else:
+    from qaff_jax.evaluation import ann
+    k_ann = min(n_db, 1000) if k is None else min(k, n_db)
+    searcher = ann.build_scann(db, k=k_ann, **(scann_params or {}))
+    if scann_dir:
+      ann.save_scann(searcher, scann_dir)
+      info["scann_bytes_per_image"] = ann.bytes_per_image(scann_dir, n_db)
+    t0 = time.perf_counter()
+    scores, idx = ann.scann_search(searcher, q, k_ann)
+    info["scann_ms_per_query"] = 1e3 * (time.perf_counter() - t0) / max(1, q.shape[0])
+    kr = min(100, k_ann)
+    info[f"scann_recall@{kr}"] = ann.recall_at_k(idx, ex_idx, kr)
+    search_fn = lambda queries, kk: ann.scann_search(searcher, queries, kk)
+
+  if rerank != "none":
+    from qaff_jax.evaluation import rerank as rerank_lib
+    params = dict(rerank_params or {})
+    if search_fn is not None and rerank in ("aqe",):
+      params.setdefault("search_fn", search_fn)
+    t0 = time.perf_counter()
+    scores, idx = rerank_lib.rerank(rerank, q, db, idx, k=idx.shape[1], **params)
+    info["rerank"] = rerank
+    info["rerank_ms_per_query"] = 1e3 * (time.perf_counter() - t0) / max(1, q.shape[0])
+  return SearchResult(indices=np.asarray(idx), scores=np.asarray(scores), info=info)
+
+
+def _exact(q, db, k):
+  if k == db.shape[0]:
+    ranks = search.full_ranking(q, db)           # [n_db, nq]
+    idx = np.ascontiguousarray(ranks.T)
+    scores = np.take_along_axis(q @ db.T, idx, axis=1)
+    return scores, idx
+  return search.exact_search(q, db, k)
+
+
+# ---------------------------------------------------------------------------
+# Metrics.
+
+
+def score(indices: np.ndarray, gnd) -> dict:
+  """Revisitop metrics of `indices` [nq, k] (best first)."""
+  return metrics.evaluate_revisited(search.ranks_from_indices(np.asarray(indices)), gnd)
+
+
+def flat_metrics(result: dict) -> dict:
+  """Only the headline numbers (no per-query lists), for --json and tables."""
+  return {k: float(v) for k, v in result.items() if k != "per_query"}
