@@ -67,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.learn_p = True
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
+  # QAFF head (model.head='qaff'; SC-GeM settings also serve head='spca').
+  c.model.qaff = ml_collections.ConfigDict(dict(
+      grid=3, scales=(0.5, 0.75, 1.5), fusion="adaptive", temperature=1.0,
+      global_pool="scgem", projection="per_type", num_tokens=16, token_dim=128,
+      hops=3, heads=8, mlp_hidden=256))
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "arcface"          # arcface | cosface
@@ -100,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_side = 1024
   c.eval.scales = (0.7071067811865476, 1.0, 1.4142135623730951)
   c.eval.batch_size = 8
+  c.eval.bucket = 64               # images are padded up to multiples of this (pixels)
   c.eval.at_end = False            # evaluate after training finishes
   c.eval.search = "exact"          # exact | scann
   c.eval.rerank = "none"           # none | superglobal | aqe | dba

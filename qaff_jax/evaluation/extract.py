@@ -49,6 +49,8 @@ def bucket_of(size: tuple[int, int], bucket: int) -> tuple[int, int]:
 def make_forward(net: nnx.Module, mesh, keys: Sequence[str] = ("descriptor",)):
   """A jitted `(uint8 images [B,H,W,3], mask [B,H,W]) -> {key: [B, ...]}` for `net`."""
   graphdef, state = nnx.split(net)
+  # Inference replicates the weights on the mesh that splits the batches.
+  state = jax.device_put(state, parallel.replicated(mesh))
 
   @jax.jit
   def fwd(state, images, mask):

@@ -1,0 +1,329 @@
+"""SC-GeM: the spatial-context-aware global feature (after SpCa, ICCV 2023).
+
+Zhang, Wang, Zhou, Koniusz, "Learning Spatial-context-aware Global Visual
+Feature Representation for Instance Image Retrieval". A feature map
+F [B, h, w, C] (N = h*w cells, cell n at grid coordinate (y_n, x_n)) becomes a
+descriptor in four steps:
+
+1. Online tokens (`SoftAssignment`). Cells are projected, x_n = W_p F_n
+   (C -> d, no bias), and softly assigned to K learned semantic tokens by a
+   Gaussian-mixture posterior with templates mu_k = LayerNorm(T_k), mixing
+   weights pi = softmax(l) and variances s2_k = exp(v_k):
+
+     logit_nk = log pi_k - 1/2 log s2_k - ||x_n - mu_k||^2 / (2 s2_k)
+     r_nk     = softmax_k(logit_nk)                      (responsibility)
+     a_nk     = m_n (r_nk + delta) / sum_n' m_n' (r_n'k + delta)
+
+   a_{:,k} is token k's spatial distribution (a distribution over the valid
+   cells, m_n = 1 for a valid cell); delta = 1e-8 keeps it defined for a token
+   no cell picks.
+2. Distance encoding (`distance_encoding`). With d_ij = ||(y_i, x_i) -
+   (y_j, x_j)||_2 the grid distance and E_ij = exp(-d_ij), the transition
+   matrix over the valid cells is column-normalised,
+
+     A_ij = m_i m_j E_ij / sum_i' m_i' E_i'j,
+
+   and hop t in 1..m propagates each token's distribution t steps:
+   P_t = a^T A^t ([K, N]). The K*m values at each cell (hop-major: channel
+   t*K + k) are LayerNorm'd and describe which tokens lie how far from it.
+   (The official code uses hops 2..m+1; we start at one hop.)
+3. Fusion (`CrossAttentionFuser`): the map cells query the context vectors
+   by multi-head cross-attention (keys/values = Linear(K*m -> C) of the
+   context, invalid cells masked out of the keys), then a pre-LayerNorm MLP
+   C -> 2C -> C; both residual. Both output layers are zero-initialised, so
+   the fuser is exactly the identity at initialisation.
+4. GeM (learnable p, mask-aware) over the fused map; `SpCaHead` adds the
+   whitening Linear (C -> D) and the L2 norm.
+
+The mixing weights and variances are plain learned parameters (softmax /
+exp parameterised so they stay valid); the official code's running EM-style
+template updates do not reach its output and are left out.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qaff_jax.models import pooling
+from qaff_jax.models.heads import l2_normalize
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Added to every responsibility before the per-token spatial normalisation.
+ASSIGN_DELTA = 1e-8
+# Lower bound of normalising sums (a fully padded image divides 0 by it).
+_TINY = 1e-30
+
+
+def _flat_mask(mask: jax.Array | None, batch: int, n: int) -> jax.Array:
+  """[B, h, w] mask (or None = all valid) -> [B, N] float32 in {0, 1}."""
+  if mask is None:
+    return jnp.ones((batch, n), jnp.float32)
+  return (mask.reshape(batch, n) > 0).astype(jnp.float32)
+
+
+def grid_distances(h: int, w: int) -> jax.Array:
+  """Euclidean distances between the cells of an h x w grid.
+
+  Cells are numbered row-major (n = y*w + x); d_ij = sqrt((y_i - y_j)^2 +
+  (x_i - x_j)^2) in cell units.
+
+  Returns:
+    [h*w, h*w] float32.
+  """
+  ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
+                        jnp.arange(w, dtype=jnp.float32), indexing="ij")
+  ys, xs = ys.reshape(-1), xs.reshape(-1)
+  sq = jnp.square(ys[:, None] - ys[None, :]) + jnp.square(xs[:, None] -
+                                                        xs[None, :])
+  return jnp.sqrt(sq)
+
+
+def distance_encoding(spatial: jax.Array, mask: jax.Array | None, h: int,
+                      w: int, hops: int) -> jax.Array:
+  """Multi-hop distance encoding of the tokens' spatial distributions.
+
+  P_t = a^T A^t for t = 1..hops with A_ij = m_i m_j exp(-d_ij) /
+  sum_i' m_i' exp(-d_i'j) (see the module docstring). A is never formed per
+  image: each hop is Z <- ((Z * m) @ E) * m / s with the shared E = exp(-d)
+  and s_j = sum_i m_i E_ij, i.e. O(K N^2) per hop instead of O(N^3).
+  Invalid cells get zero rows and columns, so the result on the valid cells
+  equals that of the map without its padding.
+
+  Args:
+    spatial: [B, N, K] token distributions a (zero on invalid cells).
+    mask: [B, h, w] (> 0 = valid) or None (all valid).
+    h, w: grid size, N = h*w.
+    hops: number of hops m.
+
+  Returns:
+    [B, N, K*hops] float32, channel t*K + k = (P_{t+1})_{k, n}.
+  """
+  b, n, _ = spatial.shape
+  m = _flat_mask(mask, b, n)
+  kernel = jnp.exp(-grid_distances(h, w))                       # E [N, N]
+  col_sum = jnp.matmul(m, kernel, precision=_HIGHEST)           # s [B, N]
+  col_scale = m / jnp.maximum(col_sum, _TINY)
+  z = jnp.swapaxes(spatial.astype(jnp.float32), 1, 2)           # [B, K, N]
+  hop_maps = []
+  for _ in range(hops):
+    z = jnp.matmul(z * m[:, None, :], kernel, precision=_HIGHEST)
+    z = z * col_scale[:, None, :]
+    hop_maps.append(z)
+  return jnp.swapaxes(jnp.concatenate(hop_maps, axis=1), 1, 2)
+
+
+class SoftAssignment(nnx.Module):
+  """Gaussian-mixture soft assignment of map cells to K learned tokens.
+
+  Parameters: `proj` (C -> d, no bias), `templates` T [K, d] (Xavier
+  uniform), `template_norm` (LayerNorm over d), `mix_logits` l [K] (zeros:
+  pi = 1/K) and `log_var` v [K] (zeros: s2 = 1). Formulas: step 1 of the
+  module docstring. Everything after the projection runs in float32.
+  """
+
+  def __init__(self, in_features: int, num_tokens: int, token_dim: int, *,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Builds the assignment.
+
+    Args:
+      in_features: channels C of the map.
+      num_tokens: K.
+      token_dim: d, the projected cell / template size.
+      rngs: parameter RNGs.
+      dtype: compute dtype of the projection.
+      param_dtype: storage dtype of the parameters.
+    """
+    self.proj = nnx.Linear(in_features, token_dim, use_bias=False,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    init = nnx.initializers.xavier_uniform()
+    self.templates = nnx.Param(init(rngs.params(), (num_tokens, token_dim),
+                                    param_dtype))
+    self.template_norm = nnx.LayerNorm(token_dim, dtype=jnp.float32,
+                                       param_dtype=param_dtype, rngs=rngs)
+    self.mix_logits = nnx.Param(jnp.zeros((num_tokens,), param_dtype))
+    self.log_var = nnx.Param(jnp.zeros((num_tokens,), param_dtype))
+
+  def __call__(self, feature_map: jax.Array, mask: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """Responsibilities and per-token spatial distributions.
+
+    Args:
+      feature_map: [B, h, w, C].
+      mask: [B, h, w] (> 0 = valid) or None.
+
+    Returns:
+      (r, a): both [B, N, K] float32. r sums to 1 over K at every cell;
+      a sums to 1 over the valid cells for every token (0 on invalid cells).
+    """
+    b, h, w, _ = feature_map.shape
+    x = self.proj(feature_map).astype(jnp.float32).reshape(b, h * w, -1)
+    mu = self.template_norm(self.templates[...].astype(jnp.float32))
+    sq_dist = (jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+               - 2.0 * jnp.einsum("bnd,kd->bnk", x, mu, precision=_HIGHEST)
+               + jnp.sum(jnp.square(mu), axis=-1))
+    sq_dist = jnp.maximum(sq_dist, 0.0)
+    log_var = self.log_var[...].astype(jnp.float32)
+    log_pi = jax.nn.log_softmax(self.mix_logits[...].astype(jnp.float32))
+    logits = log_pi - 0.5 * log_var - sq_dist * (0.5 * jnp.exp(-log_var))
+    resp = jax.nn.softmax(logits, axis=-1)
+    m = _flat_mask(mask, b, h * w)[..., None]
+    weighted = (resp + ASSIGN_DELTA) * m
+    spatial = weighted / jnp.maximum(jnp.sum(weighted, axis=1, keepdims=True),
+                                     _TINY)
+    return resp, spatial
+
+
+class CrossAttentionFuser(nnx.Module):
+  """Injects per-cell context vectors into the map; identity at init.
+
+    q   = LN_q(F) W_q,  k = c W_k,  v = c W_v,  c = Linear(K*m -> C)(context)
+    F' = F  + W_o MHA(q, k, v)            (keys of invalid cells masked)
+    F''= F' + W_2 gelu(W_1 LN_mlp(F'))    (C -> 2C -> C)
+
+  W_o and W_2 (and their biases) start at zero, so F'' == F at init.
+  Matmuls run in the compute dtype; attention logits, softmax and the
+  LayerNorm statistics in float32.
+  """
+
+  def __init__(self, dim: int, context_dim: int, *, heads: int = 8,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Builds the fuser.
+
+    Args:
+      dim: channels C of the map (divisible by `heads`).
+      context_dim: channels of the context vectors (K*m).
+      heads: attention heads.
+      rngs: parameter RNGs.
+      dtype: compute dtype.
+      param_dtype: storage dtype of the parameters.
+    """
+    if dim % heads:
+      raise ValueError(f"heads={heads} must divide the map channels {dim}.")
+    self.heads = heads
+    self.dtype = dtype
+    zeros = nnx.initializers.zeros_init()
+    linear = functools.partial(nnx.Linear, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+    norm = functools.partial(nnx.LayerNorm, dim, use_fast_variance=False,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.context_proj = linear(context_dim, dim)
+    self.query_norm = norm()
+    self.query = linear(dim, dim)
+    self.key = linear(dim, dim)
+    self.value = linear(dim, dim)
+    self.out = linear(dim, dim, kernel_init=zeros)
+    self.mlp_norm = norm()
+    self.mlp_in = linear(dim, 2 * dim)
+    self.mlp_out = linear(2 * dim, dim, kernel_init=zeros)
+
+  def __call__(self, feature_map: jax.Array, context: jax.Array,
+               mask: jax.Array | None = None) -> jax.Array:
+    """[B, h, w, C] map + [B, N, K*m] context -> fused [B, h, w, C].
+
+    The output has the compute dtype; with `mask`, invalid cells are not
+    attended to (their own outputs are computed but meaningless).
+    """
+    b, h, w, c = feature_map.shape
+    n, heads = h * w, self.heads
+    x = feature_map.astype(self.dtype).reshape(b, n, c)
+    ctx = self.context_proj(context.astype(self.dtype))
+    per_head = (b, n, heads, c // heads)
+    q = self.query(self.query_norm(x)).reshape(per_head)
+    k = self.key(ctx).reshape(per_head)
+    v = self.value(ctx).reshape(per_head)
+    key_mask = None
+    if mask is not None:
+      key_mask = (mask.reshape(b, 1, 1, n) > 0)
+    attended = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+    x = x + self.out(attended.reshape(b, n, c)).astype(x.dtype)
+    hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)))
+    x = x + self.mlp_out(hidden).astype(x.dtype)
+    return x.reshape(b, h, w, c)
+
+
+class SCGeM(nnx.Module):
+  """Spatial-context-aware GeM: tokens -> distance encoding -> fuser -> GeM.
+
+  `__call__` gives the pooled [B, C] vector (no whitening: the QAFF head
+  projects it); `context` exposes the intermediate maps for inspection.
+  """
+
+  def __init__(self, in_features: int, *, num_tokens: int = 16,
+               token_dim: int = 128, hops: int = 3, heads: int = 8,
+               p: float = 3.0, learn_p: bool = True, eps: float = 1e-6,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Builds SC-GeM.
+
+    Args:
+      in_features: channels C of the map.
+      num_tokens: K semantic tokens.
+      token_dim: size d of the projected cells and templates.
+      hops: m, hops of the distance encoding.
+      heads: cross-attention heads (must divide C).
+      p: initial GeM exponent.
+      learn_p: whether p is trained.
+      eps: GeM clamp.
+      rngs: parameter RNGs.
+      dtype: compute dtype of the projections and the fuser.
+      param_dtype: storage dtype of the parameters.
+    """
+    self.hops = hops
+    self.assign = SoftAssignment(in_features, num_tokens, token_dim,
+                                 rngs=rngs, dtype=dtype,
+                                 param_dtype=param_dtype)
+    self.context_norm = nnx.LayerNorm(num_tokens * hops, dtype=jnp.float32,
+                                      param_dtype=param_dtype, rngs=rngs)
+    self.fuser = CrossAttentionFuser(in_features, num_tokens * hops,
+                                     heads=heads, rngs=rngs, dtype=dtype,
+                                     param_dtype=param_dtype)
+    self.pool = pooling.GeM(p, learn_p=learn_p, eps=eps,
+                            param_dtype=param_dtype)
+
+  def context(self, feature_map: jax.Array, mask: jax.Array | None = None
+              ) -> dict[str, jax.Array]:
+    """The intermediate maps of SC-GeM.
+
+    Returns:
+      "responsibility" [B, N, K] (r), "spatial" [B, N, K] (a),
+      "encoding" [B, N, K*m] (LayerNorm'd distance encoding) and "map"
+      [B, h, w, C] (the fused map, compute dtype).
+    """
+    _, h, w, _ = feature_map.shape
+    resp, spatial = self.assign(feature_map, mask)
+    encoding = self.context_norm(
+        distance_encoding(spatial, mask, h, w, self.hops))
+    fused = self.fuser(feature_map, encoding, mask)
+    return {"responsibility": resp, "spatial": spatial, "encoding": encoding,
+            "map": fused}
+
+  def __call__(self, feature_map: jax.Array, mask: jax.Array | None = None
+               ) -> jax.Array:
+    """[B, h, w, C] (+ mask) -> GeM of the fused map, [B, C] float32."""
+    return self.pool(self.context(feature_map, mask)["map"], mask)
+
+
+class SpCaHead(nnx.Module):
+  """SC-GeM alone: SC-GeM -> whitening Linear (C -> D) -> L2 norm (SpCa)."""
+
+  stages: tuple[str, ...] = ()
+
+  def __init__(self, in_features: int, dim: int, *, num_tokens: int = 16,
+               token_dim: int = 128, hops: int = 3, heads: int = 8,
+               p: float = 3.0, learn_p: bool = True, eps: float = 1e-6,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Builds the head; arguments as `SCGeM`, plus `dim` = D."""
+    self.pool = SCGeM(in_features, num_tokens=num_tokens, token_dim=token_dim,
+                      hops=hops, heads=heads, p=p, learn_p=learn_p, eps=eps,
+                      rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.whiten = nnx.Linear(in_features, dim, dtype=jnp.float32,
+                             param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, feature_map: jax.Array, mask: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """[B, h, w, C] -> {"descriptor": [B, D] float32, unit norm}."""
+    return {"descriptor": l2_normalize(self.whiten(self.pool(feature_map,
+                                                             mask)))}

@@ -1,0 +1,180 @@
+"""The evaluation CLI end to end on a small demo set, and extraction properties."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from qaff_jax import parallel, train_lib
+from qaff_jax.data import demo, revisited
+from qaff_jax.evaluation import cli, extract, metrics, runner, search
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from test_train import SMALL, tiny_config  # noqa: E402
+
+sys.path.pop(0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A demo set and a 2-step run on it (eval at the end, full-precision scales)."""
+  root = str(tmp_path_factory.mktemp("evaldemo"))
+  demo.generate(root, SMALL)
+  workdir = os.path.join(root, "run")
+  config = tiny_config(root, total_steps=2, **{"eval.at_end": True})
+  out = train_lib.train_and_evaluate(config, workdir)
+  return root, workdir, out["eval"]["demo"]
+
+
+def _run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "qaff_jax.evaluate", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_checkpoint_mode_reproduces_training_hook_and_caches(trained):
+  root, workdir, hook_metrics = trained
+  req = cli.Request(workdir=workdir, data_dir=os.path.join(root, "test"), datasets="demo")
+  results, info, out = cli.run(req, None)
+  for key in ("mAP_E", "mAP_M", "mAP_H", "mP@5_M"):
+    assert results["demo"][key] == pytest.approx(hook_metrics[key], abs=1e-6)
+  cached = os.listdir(os.path.join(workdir, "eval", "descriptors"))
+  assert any(f.startswith("demo_db_step2") for f in cached)
+  # A second run reuses the files (same ids and settings) and gives the same numbers.
+  stamp = {f: os.path.getmtime(os.path.join(workdir, "eval", "descriptors", f)) for f in cached}
+  again, _, _ = cli.run(req, None)
+  assert again["demo"]["mAP_M"] == results["demo"]["mAP_M"]
+  for f, t in stamp.items():
+    assert os.path.getmtime(os.path.join(workdir, "eval", "descriptors", f)) == t
+  with open(os.path.join(out, "report.json")) as f:
+    rep = json.load(f)
+  assert len(rep["results"]["demo"]["per_query"]["M"]) == SMALL.num_test_landmarks
+
+
+def test_features_and_ranks_modes_json_stdout(trained, tmp_path):
+  root, workdir, _ = trained
+  ds = revisited.RevisitedDataset(os.path.join(root, "test"), "demo")
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(ds.n_queries, 8)).astype(np.float32)
+  x = rng.normal(size=(ds.n_db, 8)).astype(np.float32)
+  np.save(tmp_path / "q.npy", q)
+  np.save(tmp_path / "x.npy", x)
+  gnd = os.path.join(root, "test", "demo", "gnd_demo.pkl")
+  proc = _run_cli("--query_features", str(tmp_path / "q.npy"), "--db_features",
+                  str(tmp_path / "x.npy"), "--gnd", gnd, "--json",
+                  "--ranks_out", str(tmp_path / "r.npy"), "--out", str(tmp_path / "rep"))
+  assert proc.returncode == 0, proc.stderr
+  got = json.loads(proc.stdout)  # stdout is exactly one JSON object
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+  want = metrics.evaluate_revisited(np.argsort(-xn @ qn.T, axis=0, kind="stable"), ds.gnd)
+  for key in ("mAP_E", "mAP_M", "mAP_H", "mP@1_E", "mP@10_H"):
+    assert got[key] == pytest.approx(want[key], abs=1e-9)
+  ranks = np.load(tmp_path / "r.npy")
+  assert ranks.shape == (ds.n_db, ds.n_queries)
+  proc = _run_cli("--ranks", str(tmp_path / "r.npy"), "--gnd", gnd, "--json",
+                  "--out", str(tmp_path / "rep2"))
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout) == got
+
+
+@pytest.mark.parametrize("method", ["superglobal", "aqe", "dba"])
+def test_rerank_composes_with_both_backends(trained, method):
+  root, _, _ = trained
+  ds = revisited.RevisitedDataset(os.path.join(root, "test"), "demo")
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(ds.n_queries, 16)).astype(np.float32)
+  x = rng.normal(size=(ds.n_db, 16)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  params = {"superglobal": dict(m=10, knn=3, beta=0.15)}.get(method, dict(n=2, alpha=3.0))
+  for backend in ("exact", "scann"):
+    res = runner.search_and_rerank(q, x, backend=backend, rerank=method, rerank_params=params)
+    assert res.indices.shape[0] == ds.n_queries
+    for row in res.indices:
+      assert len(set(row.tolist())) == len(row)  # a permutation of database ids
+    m = runner.score(res.indices, ds.gnd)
+    assert 0.0 <= m["mAP_M"] <= 1.0
+
+
+def test_missing_images_error_or_skip(trained, tmp_path):
+  root, workdir, _ = trained
+  data = tmp_path / "data"
+  shutil.copytree(os.path.join(root, "test"), data)
+  ds = revisited.RevisitedDataset(str(data), "demo")
+  os.remove(ds.db_path(0))
+  req = cli.Request(workdir=workdir, data_dir=str(data), datasets="demo",
+                    out=str(tmp_path / "rep"))
+  with pytest.raises(FileNotFoundError, match=ds.imlist[0]):
+    cli.run(req, None)
+  req.skip_missing = True
+  results, info, _ = cli.run(req, None)
+  assert info["demo"]["missing_images"] == 1
+  assert 0.0 <= results["demo"]["mAP_M"] <= 1.0
+
+
+def test_r1m_distractors_extend_the_database(trained, tmp_path):
+  root, workdir, _ = trained
+  folder = tmp_path / "r1m" / "a"
+  folder.mkdir(parents=True)
+  ds = revisited.RevisitedDataset(os.path.join(root, "test"), "demo")
+  for i in range(5):  # any images will do as distractors
+    shutil.copy(ds.db_path(i), folder / f"d{i}.jpg")
+  req = cli.Request(workdir=workdir, data_dir=os.path.join(root, "test"), datasets="demo",
+                    r1m=str(tmp_path / "r1m"), out=str(tmp_path / "rep"),
+                    ranks_out=str(tmp_path / "ranks.npy"))
+  results, info, _ = cli.run(req, None)
+  assert info["demo"]["r1m"] == 5 and info["demo"]["n_db"] == ds.n_db + 5
+  assert np.load(tmp_path / "ranks.npy").shape == (ds.n_db + 5, ds.n_queries)
+
+
+def test_sharded_extraction_equals_single_device(trained):
+  root, workdir, _ = trained
+  config, net, _, _ = runner.load_network(workdir)
+  ds = revisited.RevisitedDataset(os.path.join(root, "test"), "demo")
+  loaders = [lambda i=i: ds.load_db(i) for i in range(7)]
+  sizes = [ds.load_db(i).shape[:2] for i in range(7)]
+  outs = []
+  for mesh in (parallel.make_mesh(2), parallel.make_mesh(1, jax.devices()[:1])):
+    fwd = extract.make_forward(net, mesh)
+    outs.append(extract.extract(fwd, loaders, sizes, mesh=mesh, max_side=64,
+                                scales=(0.8, 1.0), batch_size=4)["descriptor"])
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(outs[0], axis=1), 1.0, rtol=1e-5)
+
+
+def test_batching_and_padding(trained):
+  _, workdir, _ = trained
+  _, net, mesh, _ = runner.load_network(workdir)
+  fwd = extract.make_forward(net, mesh)
+  rng = np.random.default_rng(0)
+  imgs = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(3)]
+  kw = dict(mesh=mesh, max_side=128, scales=(1.0,))
+  together = extract.extract(fwd, [lambda im=im: im for im in imgs], [(96, 128)] * 3,
+                             batch_size=8, bucket=32, **kw)["descriptor"]
+  for im, d in zip(imgs, together):  # batch-mates never influence a descriptor
+    alone = extract.extract(fwd, [lambda: im], [(96, 128)], batch_size=8, bucket=32,
+                            **kw)["descriptor"][0]
+    np.testing.assert_allclose(alone, d, rtol=1e-5, atol=1e-6)
+  # Padding into a larger bucket: pooled cells are exactly the valid ones, but
+  # cells next to the padding see it through the convolutions, so the
+  # descriptor moves a little (more for tiny maps like this 3x4 one).
+  padded = extract.extract(fwd, [lambda: imgs[0]], [(96, 128)], batch_size=8, bucket=160,
+                           **kw)["descriptor"][0]
+  assert float(together[0] @ padded) > 0.9
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+  with pytest.raises(ValueError, match="nothing to evaluate"):
+    cli.run(cli.Request(), None)
+  np.save(tmp_path / "r.npy", np.zeros((3, 2), np.int64))
+  with pytest.raises(ValueError, match="--gnd"):
+    cli.run(cli.Request(ranks=str(tmp_path / "r.npy")), None)
+  with pytest.raises(FileNotFoundError, match="gnd_x.pkl"):
+    cli.run(cli.Request(ranks=str(tmp_path / "r.npy"), gnd=str(tmp_path / "gnd_x.pkl")), None)
