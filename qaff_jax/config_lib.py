@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = "arcface"          # arcface | cosface
   c.loss.scale = 30.0
   c.loss.margin = 0.15
+  c.loss.aux_weight = 0.0          # auxiliary loss per feature type (QAFF heads)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"             # sgd (nesterov momentum) | adamw

@@ -173,16 +173,27 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
   emb_sharding = parallel.replicated(mesh)
   logits_sharding = NamedSharding(mesh, P(None, parallel.CLASS_AXES))
 
+  def margin_loss(descriptors, weight, labels):
+    return losses.margin_softmax_loss(
+        descriptors, weight, labels, num_classes=num_classes, name=config.loss.name,
+        scale=config.loss.scale, margin=config.loss.margin,
+        embedding_sharding=emb_sharding, logits_sharding=logits_sharding)
+
   def loss_fn(params, model_state, images, labels):
     module = nnx.merge(graphdef, params, model_state, copy=True)
     out = module.net(transforms.normalize_jnp(images))
-    loss, correct = losses.margin_softmax_loss(
-        out["descriptor"], module.classifier.weight[...], labels,
-        num_classes=num_classes, name=config.loss.name, scale=config.loss.scale,
-        margin=config.loss.margin, embedding_sharding=emb_sharding,
-        logits_sharding=logits_sharding)
+    weight = module.classifier.weight[...]
+    loss, correct = margin_loss(out["descriptor"], weight, labels)
+    loss = jnp.mean(loss)
+    aux = out.get("aux_descriptors")
+    if aux and config.loss.aux_weight > 0:
+      # One auxiliary margin loss per feature type (QAFF: global, regional,
+      # scale), on the type's mean descriptor, sharing the class matrix.
+      aux_losses = [jnp.mean(margin_loss(d if d.ndim == 2 else jnp.mean(d, axis=1),
+                                         weight, labels)[0]) for d in aux.values()]
+      loss = loss + config.loss.aux_weight * sum(aux_losses) / len(aux_losses)
     new_model_state = nnx.state(module, nnx.Not(nnx.Param))
-    return jnp.mean(loss), (jnp.mean(correct.astype(jnp.float32)), new_model_state)
+    return loss, (jnp.mean(correct.astype(jnp.float32)), new_model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = config.grad_accum
@@ -409,10 +420,12 @@ def init_backbone_from(state: TrainState, path: str, shardings) -> TrainState:
   source = ckpt_lib.restore_params_from(path)
 
   def take(target: nnx.State, source_tree, what: str):
+    pure = nnx.to_pure_dict(target)
+    if "backbone" not in pure.get("net", {}):
+      return target  # e.g. a ViT has no BatchNorm statistics: nothing to copy
     src = source_tree.get("net", {}).get("backbone") if isinstance(source_tree, dict) else None
     if src is None:
       raise ValueError(f"--init_from {path}: the checkpoint has no {what}['net']['backbone']")
-    pure = nnx.to_pure_dict(target)
     dst = pure["net"]["backbone"]
     flat_src = {_key(k): v for k, v in jax.tree_util.tree_flatten_with_path(src)[0]}
     flat_dst = jax.tree_util.tree_flatten_with_path(dst)[0]

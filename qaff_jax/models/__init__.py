@@ -4,7 +4,10 @@ Config fields read by `build_model` (an ml_collections ConfigDict or a dict):
 
   backbone       one of BACKBONES ('resnet18', ..., 'resnet_tiny')
   output_stride  32, or 16 (last stage dilated)           default 32
-  head           one of HEADS ('gem')
+  head           one of HEADS ('gem', 'qaff', 'spca')
+  qaff           sub-dict for heads 'qaff' and 'spca', see qaff.QAFFSettings
+                 (grid, scales, fusion, temperature, global_pool, projection,
+                 num_tokens, token_dim, hops, heads, mlp_hidden)
   dim            descriptor size D
   gem_p          initial GeM exponent                     default 3.0
   learn_p        GeM p trainable                          default True
@@ -24,7 +27,10 @@ from flax import nnx
 
 from qaff_jax.models import heads
 from qaff_jax.models import pooling
+from qaff_jax.models import qaff
 from qaff_jax.models import resnet
+from qaff_jax.models import ultron
+from qaff_jax.models import vit
 from qaff_jax.models.heads import GeMHead, l2_normalize
 from qaff_jax.models.pooling import GeM, gem
 from qaff_jax.models.retrieval import RetrievalModel, downsample_mask
@@ -36,6 +42,16 @@ BACKBONES: dict[str, Callable[..., nnx.Module]] = {
     "resnet101": resnet.resnet101,
     "resnet152": resnet.resnet152,
     "resnet_tiny": resnet.resnet_tiny,
+    "ultron_tiny": ultron.ultron_tiny,
+    "ultron_small": ultron.ultron_small,
+    "ultron_base": ultron.ultron_base,
+    "vit_tiny": vit.vit_tiny,
+    "vit_small_patch16": vit.vit_small_patch16,
+    "vit_base_patch16": vit.vit_base_patch16,
+    "vit_small_patch14": vit.vit_small_patch14,
+    "vit_base_patch14": vit.vit_base_patch14,
+    "vit_small_patch14_reg4": vit.vit_small_patch14_reg4,
+    "vit_base_patch14_reg4": vit.vit_base_patch14_reg4,
 }
 
 
@@ -48,6 +64,8 @@ def _gem_head(cfg: Mapping[str, Any], in_features: int, *, rngs: nnx.Rngs,
 
 HEADS: dict[str, Callable[..., nnx.Module]] = {
     "gem": _gem_head,
+    "qaff": qaff.build_qaff_head,
+    "spca": qaff.build_spca_head,
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
