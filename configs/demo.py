@@ -5,14 +5,15 @@ python -m qaff_jax.train --config configs/demo.py --workdir workdirs/demo
 The demo data (GLDv2-format TFRecords + a revisitop-format test set) is written to
 `config.demo_root` on first use by `python -m qaff_jax.data.demo`. It exercises the
 same code paths as a GLDv2 -> Revisited Oxford run. Variant: `configs/demo.py:quick`
-(a few steps, for smoke tests).
+(a few steps, for smoke tests); `configs/demo.py:head=gem` trains plain GeM.
+The default head is QAFF with an auxiliary ArcFace loss per feature type.
 """
 
 from qaff_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, quick=False, backbone="resnet_tiny", head="gem")
+  arg = config_lib.parse_arg(arg, quick=False, backbone="resnet_tiny", head="qaff")
   c = config_lib.base_config()
   c.demo_root = "demo_data"
   c.data.train_files = "demo_data/train"
@@ -31,6 +32,7 @@ def get_config(arg=None):
 
   c.loss.scale = 30.0
   c.loss.margin = 0.15
+  c.loss.aux_weight = 0.25
   c.optim.name = "adamw"
   c.optim.lr = 2e-3
   c.optim.weight_decay = 1e-4

@@ -22,6 +22,8 @@ def load(name):
 def test_gldv2_recipe():
   c = load("gldv2").get_config()
   assert (c.model.backbone, c.data.image_size, c.batch_size) == ("resnet101", 512, 256)
+  assert c.model.head == "qaff" and c.loss.aux_weight > 0
+  assert load("gldv2").get_config("head=gem").loss.aux_weight == 0.0
   assert (c.loss.name, c.loss.scale, c.loss.margin) == ("arcface", 30.0, 0.15)
   assert (c.optim.name, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (
       "sgd", 0.01, 0.9, 1e-4)
@@ -68,7 +70,7 @@ def test_tensorflow_is_never_imported():
 
 def test_train_benchmark_runs():
   from qaff_jax.bench import train as bench
-  c = load("gldv2").get_config("runlocal")
+  c = load("gldv2").get_config("runlocal,head=gem")
   c.data.num_classes = 32
   c.batch_size = 8
   c.data.image_size = 32
