@@ -76,9 +76,12 @@ def main(argv):
   else:
     from qaff_jax.evaluation import report
     print(report.markdown_table(results))
+    from qaff_jax.evaluation import fusion_stats
     for name, extra in info.items():
       print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in extra.items()))
+                                    for k, v in extra.items() if not isinstance(v, dict)))
+      if "fusion" in extra:
+        print(fusion_stats.format_fusion_summary(extra["fusion"]))
   logging.info("report: %s", os.path.abspath(report_dir))
 
 

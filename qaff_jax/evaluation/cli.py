@@ -211,7 +211,7 @@ def _run_checkpoint(req: Request, config):
     info[name] = {**res.info, "step": step, "missing_images": len(missing),
                   "r1m": 0 if distractors is None else len(distractors)}
     if "fusion_weights" in db:
-      info[name]["fusion_weights_mean"] = np.concatenate(
-          [q["fusion_weights"], db["fusion_weights"]]).mean(0).round(4).tolist()
+      from qaff_jax.evaluation import hook
+      info[name]["fusion"] = hook.fusion_summary(config, q, db)
     _write_ranks(req.ranks_out, name, res.indices, len(names) > 1)
   return _finish(results, info, req, os.path.join(req.workdir, "eval"))

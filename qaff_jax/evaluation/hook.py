@@ -37,6 +37,15 @@ def extract_dataset(forward, ds: "revisited.RevisitedDataset", *, mesh, eval_cfg
   return q, db
 
 
+def fusion_summary(config, q: dict, db: dict) -> dict:
+  """QAFF fusion-weight statistics over the queries and database of a dataset."""
+  from qaff_jax.evaluation import fusion_stats
+  from qaff_jax.models import qaff
+  settings = qaff.settings_from_config(config.model)
+  weights = np.concatenate([q["fusion_weights"], db["fusion_weights"]])
+  return fusion_stats.fusion_summary(weights, settings.grid, settings.scales)
+
+
 def evaluate_descriptors(q: np.ndarray, db: np.ndarray, gnd) -> dict:
   ranks = search.full_ranking(q, db)
   return metrics.evaluate_revisited(ranks, gnd)
@@ -46,7 +55,7 @@ def evaluate_state(config, graphdef, state, mesh, workdir: str) -> dict:
   """Evaluates the network in `state` on every dataset in `config.eval.datasets`."""
   from qaff_jax import train_lib  # state layout lives with the trainer
   net = train_lib.merge_model(graphdef, state, train=False)
-  forward = extract_lib.make_forward(net, mesh)
+  forward = extract_lib.make_forward(net, mesh, keys=("descriptor", "fusion_weights"))
   out_dir = os.path.join(workdir, "eval")
   results = {}
   for name in filter(None, config.eval.datasets.split(",")):
@@ -62,6 +71,8 @@ def evaluate_state(config, graphdef, state, mesh, workdir: str) -> dict:
     # Wall time per image, compilations included (a handful of shape buckets).
     results[name]["extract_ms_per_image"] = 1e3 * extract_s / (ds.n_queries + ds.n_db)
     results[name]["descriptor_bytes"] = int(db["descriptor"].shape[1] * 4)
+    if "fusion_weights" in db:
+      results[name]["fusion"] = fusion_summary(config, q, db)
     logging.info("%s: mAP E/M/H %.2f / %.2f / %.2f", name, 100 * results[name]["mAP_E"],
                  100 * results[name]["mAP_M"], 100 * results[name]["mAP_H"])
   if jax.process_index() == 0:

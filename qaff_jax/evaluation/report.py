@@ -28,4 +28,12 @@ def write_report(results: dict[str, dict], out_dir: str, extra: dict | None = No
   md = os.path.join(out_dir, "report.md")
   with open(md, "w", encoding="utf-8") as f:
     f.write(markdown_table(results) + "\n")
+    fusions = {name: r["fusion"] for name, r in results.items() if "fusion" in r}
+    fusions.update({name: i["fusion"] for name, i in (extra or {}).get("info", {}).items()
+                    if isinstance(i, dict) and "fusion" in i})
+    if fusions:
+      from qaff_jax.evaluation import fusion_stats
+      for name, summary in fusions.items():
+        f.write(f"\n## QAFF fusion weights: {name}\n\n"
+                + fusion_stats.format_fusion_summary(summary) + "\n")
   return md

@@ -250,4 +250,4 @@ def score(indices: np.ndarray, gnd) -> dict:
 
 def flat_metrics(result: dict) -> dict:
   """Only the headline numbers (no per-query lists), for --json and tables."""
-  return {k: float(v) for k, v in result.items() if k != "per_query"}
+  return {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.number))}
