@@ -33,6 +33,6 @@ gcloud compute ssh "$NAME" --zone "$ZONE" --command "set -euo pipefail
   mkdir -p data && gcloud storage cp '$BUCKET/$DESC/${DATASET}_query.npy' '$BUCKET/$DESC/${DATASET}_db.npy' '$BUCKET/$DESC/gnd_${DATASET}.pkl' data/
   python -m qaff_jax.evaluate --query_features data/${DATASET}_query.npy \
     --db_features data/${DATASET}_db.npy --gnd data/gnd_${DATASET}.pkl \
-    --search scann --out out/scann_${DATASET} $ARGS
+    --search scann --scann_dir out/scann_${DATASET}/index --out out/scann_${DATASET} $ARGS
   gcloud storage cp -r out/scann_${DATASET} '$BUCKET/$DESC/'"
 echo "report: $BUCKET/$DESC/scann_${DATASET}/report.md"

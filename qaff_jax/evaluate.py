@@ -46,11 +46,15 @@ _QUERY_FEATURES = flags.DEFINE_string("query_features", None, "Query descriptors
 _DB_FEATURES = flags.DEFINE_string("db_features", None, "Database descriptors .npy.")
 _RANKS = flags.DEFINE_string("ranks", None, "Rankings .npy, shape (n_db, n_queries).")
 _GND = flags.DEFINE_string("gnd", None, "Ground truth gnd_<name>.pkl.")
-_RANKS_OUT = flags.DEFINE_string("ranks_out", None, "Write the final ranking (.npy; "
+_RANKS_SCANN_DIR = flags.DEFINE_string("scann_dir", None, "Save the ScaNN index here (its size "
+                                 "per image is reported).")
+_OUT = flags.DEFINE_string("ranks_out", None, "Write the final ranking (.npy; "
                                  "<name> in the path is replaced by the dataset name).")
 _JSON = flags.DEFINE_bool("json", False, "Print metrics as one JSON object on stdout.")
 _SKIP_MISSING = flags.DEFINE_bool("skip_missing", False, "Count missing/unreadable images "
                                   "instead of failing.")
+_SCANN_DIR = flags.DEFINE_string("scann_dir", None, "Save the ScaNN index here (its size "
+                                 "per image is reported).")
 _OUT = flags.DEFINE_string("out", None, "Report folder (default: <workdir>/eval or ./eval_report).")
 
 
@@ -67,7 +71,7 @@ def main(argv):
       search=_SEARCH.value, rerank=_RERANK.value, k=_K.value,
       query_features=_QUERY_FEATURES.value, db_features=_DB_FEATURES.value,
       ranks=_RANKS.value, gnd=_GND.value, ranks_out=_RANKS_OUT.value,
-      skip_missing=_SKIP_MISSING.value, out=_OUT.value)
+      skip_missing=_SKIP_MISSING.value, out=_OUT.value, scann_dir=_SCANN_DIR.value)
   results, info, report_dir = cli.run(request, config)
   if _JSON.value:
     flat = {name: runner.flat_metrics(r) for name, r in results.items()}

@@ -178,3 +178,19 @@ def test_bad_inputs_name_the_file(tmp_path):
     cli.run(cli.Request(ranks=str(tmp_path / "r.npy")), None)
   with pytest.raises(FileNotFoundError, match="gnd_x.pkl"):
     cli.run(cli.Request(ranks=str(tmp_path / "r.npy"), gnd=str(tmp_path / "gnd_x.pkl")), None)
+
+
+def test_scann_backend_reports_recall_latency_and_index_size(tmp_path):
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(30, 32))
+  x = (centres[rng.integers(0, 30, 3000)] + 0.3 * rng.normal(size=(3000, 32))).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  q = x[:50] + 0.05 * rng.normal(size=(50, 32)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  res = runner.search_and_rerank(q, x, backend="scann", k=100,
+                                 scann_dir=str(tmp_path / "index"))
+  info = res.info
+  assert info["scann_recall@100"] >= 0.9
+  assert info["scann_ms_per_query"] > 0 and info["exact_ms_per_query"] > 0
+  assert info["scann_bytes_per_image"] > 0 and info["exact_bytes_per_image"] == 32 * 4
+  assert res.indices.shape == (50, 100)

@@ -43,6 +43,7 @@ class Request:
   ranks_out: str | None = None
   skip_missing: bool = False
   out: str | None = None
+  scann_dir: str | None = None
 
 
 def _name_of_gnd(path: str) -> str:
@@ -103,7 +104,7 @@ def _search_kwargs(req: Request, config) -> dict:
       anisotropic_quantization_threshold=sc.anisotropic_quantization_threshold).items()
             if v is not None}
   return dict(backend=req.search or ev.search, k=req.k, rerank=method,
-              rerank_params=params, scann_params=scann)
+              rerank_params=params, scann_params=scann, scann_dir=req.scann_dir)
 
 
 def run(req: Request, config) -> tuple[dict, dict, str]:
