@@ -55,7 +55,8 @@ def target_logits(cos_target, name: str, margin: float):
   if name == "cosface":
     return cos_target - margin
   if name == "arcface":
-    sin = jnp.sqrt(jnp.clip(1.0 - cos_target ** 2, 0.0, 1.0))
+    # The floor keeps d(sin)/d(cos) finite at cos = +-1 (sqrt'(0) * 0 is NaN).
+    sin = jnp.sqrt(jnp.clip(1.0 - cos_target ** 2, 1e-12, 1.0))
     phi = cos_target * math.cos(margin) - sin * math.sin(margin)
     # Past theta + m > pi, cos(theta + m) is no longer decreasing in theta; use
     # the usual linear continuation so the target stays monotone.

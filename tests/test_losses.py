@@ -94,3 +94,11 @@ def test_sharded_loss_equals_single_device_and_never_gathers_logits():
     if re.search(r"all-gather|all-to-all", line):
       assert f"[{b},{c}]" not in line, line
       assert f"[{c},{d}]" not in line, line
+
+
+def test_arcface_gradient_is_finite_at_cos_one():
+  emb = jnp.array([[1.0, 0.0]])
+  w = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # the embedding sits exactly on its class
+  grad = jax.grad(lambda e: jnp.sum(losses.margin_softmax_loss(
+      e, w, jnp.array([0]), num_classes=2)[0]))(emb)
+  assert bool(jnp.all(jnp.isfinite(grad)))

@@ -4,10 +4,13 @@ Config fields read by `build_model` (an ml_collections ConfigDict or a dict):
 
   backbone       one of BACKBONES ('resnet18', ..., 'resnet_tiny')
   output_stride  32, or 16 (last stage dilated)           default 32
-  head           one of HEADS ('gem', 'qaff', 'spca')
+  head           one of HEADS ('gem', 'qaff', 'spca', 'delg', 'dolg',
+                 'cvnet', 'superglobal')
   qaff           sub-dict for heads 'qaff' and 'spca', see qaff.QAFFSettings
                  (grid, scales, fusion, temperature, global_pool, projection,
                  num_tokens, token_dim, hops, heads, mlp_hidden)
+  baseline       optional sub-dict for 'dolg' and 'superglobal', see
+                 baselines.BaselineSettings
   dim            descriptor size D
   gem_p          initial GeM exponent                     default 3.0
   learn_p        GeM p trainable                          default True
@@ -25,6 +28,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from qaff_jax.models import baselines
 from qaff_jax.models import heads
 from qaff_jax.models import pooling
 from qaff_jax.models import qaff
@@ -66,6 +70,11 @@ HEADS: dict[str, Callable[..., nnx.Module]] = {
     "gem": _gem_head,
     "qaff": qaff.build_qaff_head,
     "spca": qaff.build_spca_head,
+    # Published baselines (models/baselines.py; options in model.baseline).
+    "delg": baselines.build_delg_head,
+    "dolg": baselines.build_dolg_head,
+    "cvnet": baselines.build_cvnet_head,
+    "superglobal": baselines.build_superglobal_head,
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
