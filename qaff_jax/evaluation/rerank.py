@@ -158,8 +158,8 @@ def _superglobal_kernel(q: jax.Array, cand: jax.Array, db: jax.Array,
   b, m, _ = x.shape
   gram = jnp.einsum("bid,bjd->bij", x, x, precision=_HIGHEST)  # [b, M, M]
   top_s, top_j = jax.lax.top_k(gram, knn + 1)  # best first: d itself
-  w = jnp.concatenate([jnp.ones_like(top_s[..., :1]), beta * top_s[..., 1:]],
-                      axis=-1)
+  # (Slicing top_s here makes XLA:CPU replace top_k by a full sort: 5x slower.)
+  w = jnp.where(jnp.arange(knn + 1) == 0, 1.0, beta * top_s)
   # Weighted mean as one matmul: a dense [M, M] weight matrix per query.
   rows = jnp.arange(b)[:, None, None]
   cols = jnp.arange(m)[None, :, None]

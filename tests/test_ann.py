@@ -1,0 +1,145 @@
+"""ScaNN index: recall vs exact search, save/load, brute-force fallback."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from qaff_jax.evaluation import ann, rerank, search
+
+
+def _unit_vectors(seed, n, d):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, d), dtype=np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+  """20k random unit vectors (D=64): the hard, unclustered case."""
+  x = _unit_vectors(0, 20_000, 64)
+  q = _unit_vectors(1, 200, 64)
+  _, exact = search.exact_search(q, x, 100)
+  return q, x, exact
+
+
+@pytest.fixture(scope="module")
+def index(data):
+  _, x, _ = data
+  return ann.build_scann(x, num_leaves=50, num_leaves_to_search=45,
+                         training_sample_size=20_000, reorder=1000, k=100)
+
+
+def test_recall_at_100(data, index):
+  q, _, exact = data
+  scores, found = ann.scann_search(index, q, 100)
+  assert scores.dtype == np.float32 and found.dtype == np.int64
+  assert found.shape == (200, 100)
+  assert ann.num_leaves_of(index) == 50
+  assert ann.recall_at_k(found, exact, 100) >= 0.95
+  # Re-ordered scores are exact dot products, best first.
+  _, x, _ = data
+  ref = np.einsum("qd,qkd->qk", q, x[found])
+  np.testing.assert_allclose(scores, ref, atol=1e-5)
+  assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_query_time_settings_change_recall(data, index):
+  q, _, exact = data
+  _, few = ann.scann_search(index, q, 100, leaves_to_search=2, reorder=100,
+                            parallel=False)
+  _, many = ann.scann_search(index, q, 100, leaves_to_search=50, reorder=2000)
+  assert ann.recall_at_k(few, exact, 100) < ann.recall_at_k(many, exact, 100)
+
+
+def test_float64_queries_and_single_query(data, index):
+  q, _, _ = data
+  s64, i64 = ann.scann_search(index, q[:5].astype(np.float64), 10)
+  s32, i32 = ann.scann_search(index, q[:5], 10)
+  assert s64.dtype == np.float32
+  np.testing.assert_array_equal(i64, i32)
+  s1, i1 = ann.scann_search(index, q[3], 10)
+  np.testing.assert_array_equal(i1, i32[3:4])
+
+
+def test_save_load_round_trip(data, index, tmp_path):
+  q, x, _ = data
+  ann.save_scann(index, tmp_path / "built")
+  shutil.move(tmp_path / "built", tmp_path / "moved")  # paths are relative
+  loaded = ann.load_scann(tmp_path / "moved")
+  for kwargs in ({}, {"leaves_to_search": 10, "reorder": 300}):
+    a = ann.scann_search(index, q, 100, **kwargs)
+    b = ann.scann_search(loaded, q, 100, **kwargs)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+  sizes = ann.index_bytes(tmp_path / "moved", per_file=True)
+  assert sum(sizes.values()) == ann.index_bytes(tmp_path / "moved")
+  # The float32 re-ordering copy dominates: D * 4 bytes per image.
+  per_image = ann.bytes_per_image(tmp_path / "moved", len(x))
+  assert 64 * 4 < per_image < 64 * 4 * 1.5
+  with pytest.raises(FileNotFoundError):
+    ann.load_scann(tmp_path / "nothing")
+
+
+def test_brute_force_fallback_is_exact(tmp_path):
+  x = _unit_vectors(2, 300, 16)
+  q = _unit_vectors(3, 7, 16)
+  searcher = ann.build_scann(x, k=50)
+  assert ann.num_leaves_of(searcher) is None
+  scores, found = ann.scann_search(searcher, q, 50, leaves_to_search=3)
+  ref_s, ref_i = search.exact_search(q, x, 50)
+  np.testing.assert_array_equal(found, ref_i)
+  np.testing.assert_allclose(scores, ref_s, atol=1e-6)
+  # k beyond n: missing slots are -1 / -inf.
+  scores, found = ann.scann_search(searcher, q, 310)
+  assert (found[:, 300:] == -1).all() and np.isneginf(scores[:, 300:]).all()
+  assert ann.recall_at_k(found, search.exact_search(q, x, 300)[1], 300) == 1.0
+  ann.save_scann(searcher, tmp_path)
+  again = ann.scann_search(ann.load_scann(tmp_path), q, 50)
+  np.testing.assert_array_equal(again[1], ref_i)
+
+
+def test_tiny_database():
+  x = _unit_vectors(4, 3, 8)
+  scores, found = ann.scann_search(ann.build_scann(x), x, 3)
+  np.testing.assert_array_equal(found[:, 0], [0, 1, 2])
+
+
+def test_recall_at_k_by_hand():
+  exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+  approx = np.array([[4, 3, 9, 1], [-1, 8, -1, 0]])
+  assert ann.recall_at_k(approx, exact, 4) == pytest.approx((3 / 4 + 1 / 4) / 2)
+  assert ann.recall_at_k(approx, exact, 2) == pytest.approx((0 + 0) / 2)
+  assert ann.recall_at_k(exact, exact, 3) == 1.0
+
+
+def test_default_leaves():
+  assert ann.default_num_leaves(1) == 1
+  assert ann.default_num_leaves(1000) == 32
+  assert ann.default_num_leaves(1_000_000) == 1000
+
+
+def test_tune_and_latency(data, index):
+  q, _, exact = data
+  best = ann.tune_scann(index, q, exact, 100, target_recall=0.9,
+                        reorder_grid=[500, 1000])
+  assert best["met_target"] and best["recall"] >= 0.9
+  assert 1 <= best["leaves_to_search"] <= 50
+  _, found = ann.scann_search(index, q, 100, best["leaves_to_search"],
+                              best["reorder"])
+  assert ann.recall_at_k(found, exact, 100) == pytest.approx(best["recall"])
+  lat = ann.measure_latency(index, q[:50], 100, num_single=10, repeats=1)
+  assert all(v > 0 for v in lat.values())
+
+
+def test_rerank_composes_with_scann(data, index):
+  q, x, _ = data
+  _, found = ann.scann_search(index, q[:8], 100)
+  s, i = rerank.rerank("superglobal", q[:8], x, found, m=50)
+  assert i.shape == (8, 100)
+  np.testing.assert_array_equal(np.sort(i, axis=1), np.sort(found, axis=1))
+  s, i = rerank.rerank(
+      "aqe", q[:8], x, found,
+      search_fn=lambda v, k: ann.scann_search(index, np.asarray(v), k))
+  assert i.shape == (8, 100) and (i >= 0).all()
