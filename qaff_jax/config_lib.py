@@ -74,9 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
       hops=3, heads=8, mlp_hidden=256))
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "arcface"          # arcface | cosface
+  c.loss.name = "arcface"          # arcface | cosface | curricularface | madacos | contrastive | triplet
   c.loss.scale = 30.0
   c.loss.margin = 0.15
+  c.loss.learn_scale = False       # DELG: train the softmax scale (starts at loss.scale)
+  c.loss.madacos_alpha = 0.02      # MadaCos target probability of the median sample
+  c.loss.pair_margin = 0.7         # contrastive (0.7) / triplet (0.1) margin
   c.loss.aux_weight = 0.0          # auxiliary loss per feature type (QAFF heads)
 
   c.optim = ml_collections.ConfigDict()

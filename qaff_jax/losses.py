@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-LOSSES = ("arcface", "cosface")
+# Class-matrix losses first, then pair losses (which ignore the class matrix).
+LOSSES = ("arcface", "cosface", "curricularface", "madacos", "contrastive", "triplet")
 
 
 class MarginClassifier(nnx.Module):
@@ -92,3 +93,38 @@ def margin_softmax_loss(embeddings, weight, labels, *, num_classes: int,
   loss = jax.nn.logsumexp(logits, axis=1) - scale * adjusted
   pred = jnp.argmax(jnp.where(valid, cos, -jnp.inf), axis=1)
   return loss, pred == labels
+
+
+def classification_loss(embeddings, weight, labels, loss_state: dict, *, num_classes: int,
+                        config, scale, embedding_sharding=None, logits_sharding=None):
+  """The loss `config.name` (config = config.loss) as (mean loss, accuracy, new loss_state).
+
+  `scale` is config.scale or DELG's trained scale. Accuracy is top-1 over the
+  class centres for class-matrix losses, and "nearest batch-mate has the same
+  label" for the pair losses. `loss_state["t"]` is CurricularFace's running
+  mean positive cosine; the other losses pass it through.
+  """
+  from qaff_jax import losses_baselines as lb  # noqa: PLC0415 (it imports this module)
+  shard = dict(embedding_sharding=embedding_sharding, logits_sharding=logits_sharding)
+  name = config.name
+  if name in ("arcface", "cosface"):
+    loss, correct = margin_softmax_loss(embeddings, weight, labels, num_classes=num_classes,
+                                        name=name, scale=scale, margin=config.margin,
+                                        **shard)
+  elif name == "curricularface":
+    loss, correct, t = lb.curricular_face_loss(
+        embeddings, weight, labels, loss_state["t"], num_classes=num_classes,
+        scale=scale, margin=config.margin, **shard)
+    loss_state = {**loss_state, "t": t}
+  elif name == "madacos":
+    loss, correct = lb.madacos_loss(embeddings, weight, labels, num_classes=num_classes,
+                                    alpha=config.madacos_alpha, **shard)
+  elif name in ("contrastive", "triplet"):
+    fn = lb.contrastive_loss if name == "contrastive" else lb.triplet_loss
+    loss, correct, valid = fn(embeddings, labels, margin=config.pair_margin,
+                              embedding_sharding=embedding_sharding)
+    return (lb.masked_mean(loss, valid), lb.masked_mean(correct.astype(jnp.float32), valid),
+            loss_state)
+  else:
+    raise ValueError(f"config.loss.name={name!r}; choose one of {LOSSES}")
+  return jnp.mean(loss), jnp.mean(correct.astype(jnp.float32)), loss_state

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qaff_jax import checkpoint as ckpt_lib
 from qaff_jax import config_lib
 from qaff_jax import losses
+from qaff_jax import losses_baselines
 from qaff_jax import metric_writer
 from qaff_jax import models
 from qaff_jax import parallel
@@ -47,6 +48,8 @@ class Trainable(nnx.Module):
     self.net = models.build_model(config.model, rngs=rngs)
     self.classifier = losses.MarginClassifier(
         config.data.num_classes, config.model.dim, num_rows=num_rows, rngs=rngs)
+    if config.loss.learn_scale:  # DELG: a trained softmax scale, starting at config.loss.scale
+      self.loss_scale = losses_baselines.LearnableScale(config.loss.scale)
 
 
 @flax.struct.dataclass
@@ -55,6 +58,7 @@ class TrainState:
   params: nnx.State        # nnx.Param variables
   model_state: nnx.State   # everything else (BatchNorm statistics, ...)
   opt_state: Any
+  loss_state: dict         # CurricularFace's running mean positive cosine `t`
 
 
 def num_class_rows(num_classes: int, mesh) -> int:
@@ -120,7 +124,8 @@ def _init_fn(config, tx, rows: int):
     module = Trainable(config, num_rows=rows, rngs=nnx.Rngs(rng))
     _, params, rest = nnx.split(module, nnx.Param, ...)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      model_state=rest, opt_state=tx.init(params))
+                      model_state=rest, opt_state=tx.init(params),
+                      loss_state={"t": jnp.zeros((), jnp.float32)})
   return init
 
 
@@ -173,53 +178,53 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
   emb_sharding = parallel.replicated(mesh)
   logits_sharding = NamedSharding(mesh, P(None, parallel.CLASS_AXES))
 
-  def margin_loss(descriptors, weight, labels):
-    return losses.margin_softmax_loss(
-        descriptors, weight, labels, num_classes=num_classes, name=config.loss.name,
-        scale=config.loss.scale, margin=config.loss.margin,
-        embedding_sharding=emb_sharding, logits_sharding=logits_sharding)
-
-  def loss_fn(params, model_state, images, labels):
+  def loss_fn(params, model_state, loss_state, images, labels):
     module = nnx.merge(graphdef, params, model_state, copy=True)
     out = module.net(transforms.normalize_jnp(images))
     weight = module.classifier.weight[...]
-    loss, correct = margin_loss(out["descriptor"], weight, labels)
-    loss = jnp.mean(loss)
+    scale = module.loss_scale() if config.loss.learn_scale else config.loss.scale
+    kw = dict(num_classes=num_classes, config=config.loss, scale=scale,
+              embedding_sharding=emb_sharding, logits_sharding=logits_sharding)
+    loss, correct, new_loss_state = losses.classification_loss(
+        out["descriptor"], weight, labels, loss_state, **kw)
     aux = out.get("aux_descriptors")
     if aux and config.loss.aux_weight > 0:
-      # One auxiliary margin loss per feature type (QAFF: global, regional,
-      # scale), on the type's mean descriptor, sharing the class matrix.
-      aux_losses = [jnp.mean(margin_loss(d if d.ndim == 2 else jnp.mean(d, axis=1),
-                                         weight, labels)[0]) for d in aux.values()]
+      # One auxiliary loss per feature type (QAFF: global, regional, scale), on
+      # the type's mean descriptor, sharing the class matrix.
+      aux_losses = [losses.classification_loss(
+          d if d.ndim == 2 else jnp.mean(d, axis=1), weight, labels, loss_state, **kw)[0]
+                    for d in aux.values()]
       loss = loss + config.loss.aux_weight * sum(aux_losses) / len(aux_losses)
     new_model_state = nnx.state(module, nnx.Not(nnx.Param))
-    return loss, (jnp.mean(correct.astype(jnp.float32)), new_model_state)
+    return loss, (correct, new_model_state, new_loss_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = config.grad_accum
   images, labels = batch["image"], batch["label"]
   if accum == 1:
-    (loss, (acc, model_state)), grads = grad_fn(
-        state.params, state.model_state, images, labels)
+    (loss, (acc, model_state, loss_state)), grads = grad_fn(
+        state.params, state.model_state, state.loss_state, images, labels)
   else:
     micro = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
 
     def body(carry, mb):
-      grads, model_state, loss, acc = carry
-      (l, (a, model_state)), g = grad_fn(state.params, model_state, *mb)
+      grads, model_state, loss_state, loss, acc = carry
+      (l, (a, model_state, loss_state)), g = grad_fn(
+          state.params, model_state, loss_state, *mb)
       grads = jax.tree.map(jnp.add, grads, g)
-      return (grads, model_state, loss + l, acc + a), None
+      return (grads, model_state, loss_state, loss + l, acc + a), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, model_state, loss, acc), _ = jax.lax.scan(
-        body, (zeros, state.model_state, 0.0, 0.0), (micro(images), micro(labels)))
+    (grads, model_state, loss_state, loss, acc), _ = jax.lax.scan(
+        body, (zeros, state.model_state, state.loss_state, 0.0, 0.0),
+        (micro(images), micro(labels)))
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss, acc = loss / accum, acc / accum
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            model_state=model_state, opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state, loss_state=loss_state)
   metrics = {
       "loss": loss,
       "accuracy": acc,
