@@ -77,3 +77,11 @@ def test_train_benchmark_runs():
   out = bench.run(c, steps=1, warmup=0)
   assert out["step_ms"] > 0 and out["img_per_s"] > 0 and out["compile_s"] > 0
   assert out["step_gflops"] > 0
+
+
+def test_extraction_benchmark_runs():
+  from qaff_jax.bench import extract as bench
+  c = load("gldv2").get_config("runlocal,head=gem")
+  c.data.num_classes = 8
+  out = bench.run(c, n_images=3, max_side=64, scales=(1.0,))
+  assert out["img_per_s"] > 0 and out["shape_buckets"] >= 1
