@@ -46,9 +46,7 @@ _QUERY_FEATURES = flags.DEFINE_string("query_features", None, "Query descriptors
 _DB_FEATURES = flags.DEFINE_string("db_features", None, "Database descriptors .npy.")
 _RANKS = flags.DEFINE_string("ranks", None, "Rankings .npy, shape (n_db, n_queries).")
 _GND = flags.DEFINE_string("gnd", None, "Ground truth gnd_<name>.pkl.")
-_RANKS_SCANN_DIR = flags.DEFINE_string("scann_dir", None, "Save the ScaNN index here (its size "
-                                 "per image is reported).")
-_OUT = flags.DEFINE_string("ranks_out", None, "Write the final ranking (.npy; "
+_RANKS_OUT = flags.DEFINE_string("ranks_out", None, "Write the final ranking (.npy; "
                                  "<name> in the path is replaced by the dataset name).")
 _JSON = flags.DEFINE_bool("json", False, "Print metrics as one JSON object on stdout.")
 _SKIP_MISSING = flags.DEFINE_bool("skip_missing", False, "Count missing/unreadable images "

@@ -46,6 +46,16 @@ def bucket_of(size: tuple[int, int], bucket: int) -> tuple[int, int]:
   return tuple(-(-s // bucket) * bucket for s in size)
 
 
+def padded_rows(n: int, batch: int, devices: int) -> int:
+  """Rows of a batch holding `n` jobs: a power-of-two multiple of the device
+  count (at most `batch`), so a nearly empty bucket does not pay for a full
+  batch and only a few batch sizes are ever compiled."""
+  rows = devices
+  while rows < n and rows < batch:
+    rows *= 2
+  return min(max(rows, devices), max(batch, devices))
+
+
 def make_forward(net: nnx.Module, mesh, keys: Sequence[str] = ("descriptor",)):
   """A jitted `(uint8 images [B,H,W,3], mask [B,H,W]) -> {key: [B, ...]}` for `net`."""
   graphdef, state = nnx.split(net)
@@ -86,7 +96,6 @@ def extract(forward: Callable, loaders: Sequence[Callable[[], np.ndarray]],
     raise ValueError(f"{len(sizes)} sizes for {n} images")
   devices = jax.device_count()
   global_bs = -(-batch_size // devices) * devices
-  per_process = global_bs // jax.process_count()
   me = jax.process_index()
 
   # One job = (image, scale); group jobs of equal bucket into global batches.
@@ -102,6 +111,8 @@ def extract(forward: Callable, loaders: Sequence[Callable[[], np.ndarray]],
     jobs = groups[shape]
     for start in range(0, len(jobs), global_bs):
       chunk = jobs[start:start + global_bs]
+      rows = padded_rows(len(chunk), global_bs, devices)
+      per_process = rows // jax.process_count()
       mine = range(me * per_process, (me + 1) * per_process)
       images = np.zeros((per_process, *shape, 3), np.uint8)
       mask = np.zeros((per_process, *shape), np.float32)
