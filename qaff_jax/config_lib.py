@@ -7,10 +7,24 @@ Config files are plain Python: `get_config(arg)` builds a ConfigDict from
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
+import numpy as np
 
 GLDV2_CLEAN_IMAGES = 1_580_470
 GLDV2_CLEAN_CLASSES = 81_313
+
+
+def is_int(v) -> bool:
+  """An integer config value (bools excluded)."""
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+  """A finite real config value (bools excluded)."""
+  return (isinstance(v, (int, float, np.integer, np.floating))
+          and not isinstance(v, bool) and math.isfinite(float(v)))
 
 
 def parse_arg(arg: str | None, **defaults):

@@ -1,6 +1,6 @@
 """ScaNN index: recall vs exact search, save/load, brute-force fallback."""
 
-import os
+
 import shutil
 
 import numpy as np

@@ -12,7 +12,7 @@ import pytest
 
 from qaff_jax import parallel, train_lib
 from qaff_jax.data import demo, revisited
-from qaff_jax.evaluation import cli, extract, metrics, runner, search
+from qaff_jax.evaluation import cli, extract, metrics, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))

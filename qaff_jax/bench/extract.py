@@ -18,11 +18,8 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_IMAGES = flags.DEFINE_integer("images", 32, "Images per pass.")
-_MAX_SIDE = flags.DEFINE_integer("max_side", None, "Long side (default config.eval.max_side).")
-_SCALES = flags.DEFINE_list("scales", None, "Scales (default config.eval.scales).")
-flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
 
 
 def run(config, n_images: int, max_side: int, scales) -> dict:
@@ -60,10 +57,20 @@ def run(config, n_images: int, max_side: int, scales) -> dict:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  scales = tuple(float(s) for s in _SCALES.value) if _SCALES.value else tuple(config.eval.scales)
-  print(json.dumps(run(config, _IMAGES.value, _MAX_SIDE.value or config.eval.max_side, scales)))
+  config = FLAGS.config
+  scales = tuple(float(s) for s in FLAGS.scales) if FLAGS.scales else tuple(config.eval.scales)
+  print(json.dumps(run(config, FLAGS.images, FLAGS.max_side or config.eval.max_side, scales)))
+
+
+def define_flags():
+  """Flags exist only when this runs as a program (the library imports cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_integer("images", 32, "Images per pass.")
+  flags.DEFINE_integer("max_side", None, "Long side (default config.eval.max_side).")
+  flags.DEFINE_list("scales", None, "Scales (default config.eval.scales).")
+  flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

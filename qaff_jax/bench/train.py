@@ -18,10 +18,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -96,8 +94,17 @@ def run(config, steps: int, warmup: int) -> dict:
 
 def main(argv):
   del argv
-  print(json.dumps(run(_CONFIG.value, _STEPS.value, _WARMUP.value)))
+  print(json.dumps(run(FLAGS.config, FLAGS.steps, FLAGS.warmup)))
+
+
+def define_flags():
+  """Flags exist only when this runs as a program (the library imports cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_integer("steps", 10, "Timed steps.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

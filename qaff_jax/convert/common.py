@@ -343,3 +343,18 @@ def save_backbone(out: str, converted: Converted, *, step: int = 0,
   with open(os.path.join(out, "conversion.json"), "w") as f:
     json.dump(record, f, indent=2)
   return out
+
+
+def torch_name(path: tuple[str, ...], leaf_to_torch: dict[str, str]) -> str:
+  """Flax path ('layer1', '0', 'bn1', 'mean') -> torch key 'layer1.0.bn1.running_mean'."""
+  *module, leaf = path
+  if leaf not in leaf_to_torch:
+    raise KeyError(f"no torch name for the Flax leaf {'/'.join(path)}")
+  return ".".join(list(module) + [leaf_to_torch[leaf]])
+
+
+def kernel_transform(path: tuple[str, ...], ndim: int) -> Transform | None:
+  """torch -> Flax layout change for a leaf: conv OIHW->HWIO, linear (out,in)->(in,out)."""
+  if path[-1] != "kernel":
+    return None
+  return conv_kernel if ndim == 4 else linear_kernel

@@ -37,16 +37,10 @@ _LEAF_TO_TORCH = {
 
 def torch_key(path: tuple[str, ...]) -> str:
   """Flax path ('layer1', '0', 'bn1', 'mean') -> 'layer1.0.bn1.running_mean'."""
-  *module, leaf = path
-  if leaf not in _LEAF_TO_TORCH:
-    raise KeyError(f"no torch name for the Flax leaf {'/'.join(path)}")
-  return ".".join(list(module) + [_LEAF_TO_TORCH[leaf]])
+  return common.torch_name(path, _LEAF_TO_TORCH)
 
 
-def _transform(path: tuple[str, ...], ndim: int) -> common.Transform | None:
-  if path[-1] != "kernel":
-    return None
-  return common.conv_kernel if ndim == 4 else common.linear_kernel
+_transform = common.kernel_transform
 
 
 def convert_resnet(tensors: Mapping[str, np.ndarray],

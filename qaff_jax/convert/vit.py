@@ -48,16 +48,10 @@ def unchunk(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def torch_key(path: tuple[str, ...]) -> str:
   """Flax path ('blocks', '3', 'norm1', 'scale') -> 'blocks.3.norm1.weight'."""
-  *module, leaf = path
-  if leaf not in _LEAF_TO_TORCH:
-    raise KeyError(f"no torch name for the Flax leaf {'/'.join(path)}")
-  return ".".join(list(module) + [_LEAF_TO_TORCH[leaf]])
+  return common.torch_name(path, _LEAF_TO_TORCH)
 
 
-def _transform(path: tuple[str, ...], ndim: int) -> common.Transform | None:
-  if path[-1] != "kernel":
-    return None
-  return common.conv_kernel if ndim == 4 else common.linear_kernel
+_transform = common.kernel_transform
 
 
 def _split_pos_embed(pos: np.ndarray, registers: int

@@ -28,7 +28,6 @@ take the defaults, an unknown field is an error).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qaff_jax import config_lib
 from qaff_jax.models import pooling
 from qaff_jax.models.heads import GeMHead, l2_normalize
 
@@ -47,13 +47,8 @@ _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 # --------------------------------------------------------------------- config
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-  return (isinstance(v, (int, float, np.integer, np.floating))
-          and not isinstance(v, bool) and math.isfinite(float(v)))
+_is_int = config_lib.is_int
+_is_real = config_lib.is_real
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qaff_jax import config_lib
 from qaff_jax.models import pooling
 from qaff_jax.models import spca
 from qaff_jax.models.heads import l2_normalize
@@ -73,13 +74,8 @@ _MASKED = -1e9
 # --------------------------------------------------------------------- config
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-  return (isinstance(v, (int, float, np.integer, np.floating))
-          and not isinstance(v, bool) and math.isfinite(float(v)))
+_is_int = config_lib.is_int
+_is_real = config_lib.is_real
 
 
 @dataclasses.dataclass(frozen=True)
