@@ -1,6 +1,5 @@
 """ScaNN index: recall vs exact search, save/load, brute-force fallback."""
 
-
 import shutil
 
 import numpy as np
