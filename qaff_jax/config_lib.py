@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.scales = (0.7071067811865476, 1.0, 1.4142135623730951)
   c.eval.batch_size = 8
   c.eval.bucket = 64               # images are padded up to multiples of this (pixels)
+  c.eval.scale_reduce = "mean"     # mean | max (SuperGlobal's Scale-GeM) over scales
   c.eval.at_end = False            # evaluate after training finishes
   c.eval.search = "exact"          # exact | scann
   c.eval.rerank = "none"           # none | superglobal | aqe | dba

@@ -194,3 +194,18 @@ def test_scann_backend_reports_recall_latency_and_index_size(tmp_path):
   assert info["scann_ms_per_query"] > 0 and info["exact_ms_per_query"] > 0
   assert info["scann_bytes_per_image"] > 0 and info["exact_bytes_per_image"] == 32 * 4
   assert res.indices.shape == (50, 100)
+
+
+def test_scale_max_reduce_is_elementwise_max_of_scales(trained):
+  _, workdir, _ = trained
+  _, net, mesh, _ = runner.load_network(workdir)
+  fwd = extract.make_forward(net, mesh)
+  rng = np.random.default_rng(5)
+  img = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+  kw = dict(mesh=mesh, max_side=96, batch_size=8)
+  per_scale = [extract.extract(fwd, [lambda: img], [(64, 96)], scales=(s,), **kw)["descriptor"][0]
+               for s in (0.75, 1.0)]
+  got = extract.extract(fwd, [lambda: img], [(64, 96)], scales=(0.75, 1.0),
+                        scale_reduce="max", **kw)["descriptor"][0]
+  want = np.maximum(per_scale[0], per_scale[1])
+  np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-5, atol=1e-6)

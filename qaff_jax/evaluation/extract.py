@@ -80,8 +80,12 @@ def _to_host(x) -> np.ndarray:
 def extract(forward: Callable, loaders: Sequence[Callable[[], np.ndarray]],
             sizes: Sequence[tuple[int, int]], *, mesh, max_side: int = 1024,
             scales: Sequence[float] = DEFAULT_SCALES, batch_size: int = 8,
-            bucket: int = 64) -> dict[str, np.ndarray]:
+            bucket: int = 64, scale_reduce: str = "mean") -> dict[str, np.ndarray]:
   """Multi-scale descriptors (and any other per-image outputs) for every image.
+
+  `scale_reduce` combines the per-scale (L2-normalised) descriptors: "mean"
+  (the field's standard) or "max", SuperGlobal's Scale-GeM (element-wise max
+  over scales); either is L2-normalised at the end.
 
   Args:
     forward: from `make_forward`.
@@ -92,6 +96,8 @@ def extract(forward: Callable, loaders: Sequence[Callable[[], np.ndarray]],
     over scales.
   """
   n = len(loaders)
+  if scale_reduce not in ("mean", "max"):
+    raise ValueError(f"scale_reduce={scale_reduce!r}; choose 'mean' or 'max'")
   if len(sizes) != n:
     raise ValueError(f"{len(sizes)} sizes for {n} images")
   devices = jax.device_count()
@@ -129,11 +135,16 @@ def extract(forward: Callable, loaders: Sequence[Callable[[], np.ndarray]],
       batch = parallel.global_batch({"image": images, "mask": mask}, mesh)
       out = {k: _to_host(v) for k, v in forward(batch["image"], batch["mask"]).items()}
       for k, v in out.items():
+        take_max = k == "descriptor" and scale_reduce == "max"
         if k not in sums:
-          sums[k] = np.zeros((n, *v.shape[1:]), np.float64)
+          sums[k] = np.full((n, *v.shape[1:]), -np.inf if take_max else 0.0, np.float64)
         for j, (i, _) in enumerate(chunk):
-          sums[k][i] += v[j]
-  result = {k: (v / len(scales)).astype(np.float32) for k, v in sums.items()}
+          if take_max:
+            np.maximum(sums[k][i], v[j], out=sums[k][i])
+          else:
+            sums[k][i] += v[j]
+  result = {k: (v if k == "descriptor" and scale_reduce == "max" else v / len(scales)
+                ).astype(np.float32) for k, v in sums.items()}
   if "descriptor" in result:
     d = result["descriptor"]
     result["descriptor"] = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)

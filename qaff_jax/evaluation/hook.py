@@ -29,7 +29,8 @@ def extract_dataset(forward, ds: "revisited.RevisitedDataset", *, mesh, eval_cfg
     with Image.open(ds.db_path(i)) as im:
       db_sizes.append((im.height, im.width))
   kw = dict(mesh=mesh, max_side=eval_cfg.max_side, scales=tuple(eval_cfg.scales),
-            batch_size=eval_cfg.batch_size, bucket=eval_cfg.bucket)
+            batch_size=eval_cfg.batch_size, bucket=eval_cfg.bucket,
+            scale_reduce=eval_cfg.scale_reduce)
   q = extract_lib.extract(forward, [lambda im=im: im for im in q_images],
                           [im.shape[:2] for im in q_images], **kw)
   db = extract_lib.extract(forward, [lambda i=i: ds.load_db(i) for i in range(len(ds.imlist))],

@@ -70,6 +70,7 @@ class ExtractSettings:
   scales: tuple[float, ...] = extract_lib.DEFAULT_SCALES
   batch_size: int = 8
   bucket: int = 64
+  scale_reduce: str = "mean"
 
   def key(self) -> str:
     return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -101,7 +102,7 @@ def cached_extract(path: str | None, ids: Sequence[str], loaders, sizes, *, forw
         return {k: z[k] for k in z.files if k not in ("ids", "settings")}
   out = extract_lib.extract(forward, loaders, sizes, mesh=mesh, max_side=settings.max_side,
                             scales=settings.scales, batch_size=settings.batch_size,
-                            bucket=settings.bucket)
+                            bucket=settings.bucket, scale_reduce=settings.scale_reduce)
   if path and jax.process_index() == 0:
     _save_npz(path, ids=np.asarray(ids, dtype=str), settings=settings.key(), **out)
   return out
