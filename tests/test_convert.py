@@ -279,7 +279,7 @@ def _tiny_train_config():
     import demo as demo_config  # configs/demo.py
   finally:
     sys.path.pop(0)
-  c = demo_config.get_config("quick")
+  c = demo_config.get_config("quick,head=gem")
   c.data.num_classes = 8
   c.data.num_train_images = 32
   c.model.dim = 16
