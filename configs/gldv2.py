@@ -1,7 +1,7 @@
 r"""GLDv2-clean, ResNet-101 + QAFF head, ArcFace (the DELG/DOLG/SpCa training recipe).
 
-python -m qaff_jax.train --config configs/gldv2.py --workdir gs://BUCKET/runs/r101 \
-    --config.data.train_files='gs://BUCKET/gldv2/train/train-*-of-*'
+python -m qaff_jax.train --config configs/gldv2.py --workdir /runs/r101 \
+    --config.data.train_files='/data/gldv2/train/train-*-of-*'
 
 Variants after the colon: `configs/gldv2.py:backbone=resnet50`, `:head=gem` (or any
 head in qaff_jax.models.HEADS),

@@ -1,7 +1,7 @@
 r"""RGLDv2-clean: GLDv2-clean without the classes that overlap ROxf/RPar.
 
-python -m qaff_jax.train --config configs/rgldv2.py --workdir gs://BUCKET/runs/rgld \
-    --config.data.train_files='gs://BUCKET/gldv2/train/train-*-of-*' \
+python -m qaff_jax.train --config configs/rgldv2.py --workdir /runs/rgld \
+    --config.data.train_files='/data/gldv2/train/train-*-of-*' \
     --config.data.class_allowlist=rgldv2_clean_labels.txt
 
 The allowlist is a text file with one kept GLDv2-clean label per line; records of

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM (single host or pod slice): create or reuse the VM,
 # install qaff_jax on every worker, start the same command on all of them.
-# jax.distributed.initialize() picks up the TPU topology by itself.
+# jax.distributed.initialize() picks up the TPU topology by itself. The bucket is
+# mounted with gcsfuse at ~/bucket on every worker (the trainer reads and writes
+# local/FUSE paths): data from ~/bucket/..., the workdir at ~/bucket/$RUN.
 #
 #   ZONE=us-central2-b TPU=v4-32 NAME=qaff BUCKET=gs://my-bucket \
 #     bash launch/tpu_vm.sh configs/gldv2.py:backbone=resnet101 runs/r101 [extra flags]
@@ -27,10 +29,16 @@ ssh_all() {
 ssh_all "set -e; if [ ! -d qaff_jax ]; then git clone -b $BRANCH $REPO qaff_jax; fi
   cd qaff_jax && git fetch -q && git checkout -q $BRANCH && git pull -q
   python3 -m venv ~/venv && . ~/venv/bin/activate && pip install -q -U pip
-  pip install -q -e '.[tpu]'"
+  pip install -q -e '.[tpu]'
+  if ! command -v gcsfuse >/dev/null; then
+    echo 'deb https://packages.cloud.google.com/apt gcsfuse-jammy main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list
+    curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -
+    sudo apt-get -qq update && sudo apt-get -qq install -y gcsfuse
+  fi
+  mkdir -p ~/bucket && (mountpoint -q ~/bucket || gcsfuse --implicit-dirs ${BUCKET#gs://} ~/bucket)"
 
 ARGS=$(printf ' %q' "$@")
 ssh_all "cd qaff_jax && . ~/venv/bin/activate && \
-  nohup python -m qaff_jax.train --config $CONFIG --workdir $BUCKET/$RUN $ARGS \
+  nohup python -m qaff_jax.train --config $CONFIG --workdir ~/bucket/$RUN $ARGS \
   > ~/train.log 2>&1 &"
 echo "started on all workers of $NAME; logs: gcloud compute tpus tpu-vm ssh $NAME --zone $ZONE --worker=0 --command 'tail -f ~/train.log'"

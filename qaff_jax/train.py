@@ -1,8 +1,8 @@
 r"""Train a retrieval model.
 
 python -m qaff_jax.train --config configs/demo.py --workdir workdirs/demo
-python -m qaff_jax.train --config configs/gldv2.py:backbone=resnet50 --workdir gs://b/run \
-    --config.data.train_files='gs://b/gldv2/train-*' --config.optim.lr=0.005
+python -m qaff_jax.train --config configs/gldv2.py:backbone=resnet50 --workdir /runs/r50 \
+    --config.data.train_files='/data/gldv2/train/train-*' --config.optim.lr=0.005
 """
 
 from absl import app
