@@ -39,10 +39,19 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "qaff, plain GeM global": {"model.head": "qaff", "model.qaff.global_pool": "gem"},
 }
 
-# Published baselines, each with its loss, on the same demo recipe.
+# Published baselines, each with its own head and loss, on the same demo recipe
+# (backbone, data, schedule and descriptor size are the demo's for all of them).
 BASELINES: dict[str, dict[str, Any]] = {
     "GeM (ArcFace)": {"model.head": "gem"},
-    "SpCa": {"model.head": "spca"},
+    "DELG global (ArcFace m=0.1, learned scale)": {
+        "model.head": "delg", "loss.margin": 0.1, "loss.learn_scale": True,
+        "loss.scale": 11.31},  # sqrt(D) for the demo's D = 128
+    "DOLG": {"model.head": "dolg"},
+    "CVNet global (CurricularFace)": {"model.head": "cvnet", "loss.name": "curricularface"},
+    "SuperGlobal pooling (GeM+, Regional-GeM, Scale-GeM max)": {
+        "model.head": "superglobal", "eval.scale_reduce": "max"},
+    "SpCa (SC-GeM)": {"model.head": "spca"},
+    "MadaCos (GeM)": {"model.head": "gem", "loss.name": "madacos"},
     "QAFF": {"model.head": "qaff"},
 }
 
