@@ -24,14 +24,5 @@ def get_config(arg=None):
     c.loss.aux_weight = 0.25     # one auxiliary ArcFace per feature type
   c.eval.at_end = True
   if arg.runlocal:
-    c.model.backbone = "resnet_tiny"
-    c.model.dtype = "float32"
-    c.data.image_size = 64
-    c.data.num_workers = 0
-    c.data.shuffle_buffer = 64
-    c.batch_size = 16
-    c.total_steps = 10
-    c.log_every = 2
-    c.checkpoint_every = 5
-    c.eval.max_side = 128
+    config_lib.shrink_for_local_run(c)
   return c

@@ -9,16 +9,14 @@ other classes are dropped and the kept labels are relabelled 0..N-1.
 Same variants and recipe as configs/gldv2.py.
 """
 
-import importlib.util
 import os
+
+from qaff_jax import config_lib
 
 
 def _gldv2():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gldv2.py")
-  spec = importlib.util.spec_from_file_location("qaff_configs_gldv2", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_config_module(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "gldv2.py"))
 
 
 def get_config(arg=None):

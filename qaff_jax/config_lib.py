@@ -7,7 +7,9 @@ Config files are plain Python: `get_config(arg)` builds a ConfigDict from
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import ml_collections
 import numpy as np
@@ -54,6 +56,30 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
+def load_config_module(path: str):
+  """Imports a config file by path (config files are not a package)."""
+  name = "qaff_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def shrink_for_local_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `runlocal` variant: tiny model, small batches, 10 steps, same code path."""
+  c.model.backbone = "resnet_tiny"
+  c.model.dtype = "float32"
+  c.data.image_size = 64
+  c.data.num_workers = 0
+  c.data.shuffle_buffer = 64
+  c.batch_size = 16
+  c.total_steps = 10
+  c.log_every = 2
+  c.checkpoint_every = 5
+  c.eval.max_side = 128
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with GLDv2-scale defaults."""
   c = ml_collections.ConfigDict()
@@ -86,6 +112,13 @@ def base_config() -> ml_collections.ConfigDict:
       grid=3, scales=(0.5, 0.75, 1.5), fusion="adaptive", temperature=1.0,
       global_pool="scgem", projection="per_type", num_tokens=16, token_dim=128,
       hops=3, heads=8, mlp_hidden=256))
+  # Baseline heads 'dolg' and 'superglobal' (models.baselines.BaselineSettings);
+  # local_in_features None = half the map's channels (an int may override it).
+  c.model.baseline = ml_collections.ConfigDict(dict(
+      local_dim=1024,
+      local_in_features=ml_collections.FieldReference(None, field_type=int),
+      aspp_dim=512, dilations=(6, 12, 18), aspp_pointwise=True,
+      gemp_p=4.6, rgem_p=2.5, rgem_size=5, rgem_blend=0.5, relu_floor=0.0))
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "arcface"          # arcface | cosface | curricularface | madacos | contrastive | triplet
