@@ -381,12 +381,14 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
   last = {}
   progress = _progress_bar(start, steps)
   t0, seen = time.perf_counter(), 0
+  skipped_since_log, skipped_total = 0, 0  # device scalars: summing them does not sync
   try:
     with _Preemption() as preempt:
       for step in range(start + 1, steps + 1):
         batch = parallel.global_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
         seen += config.batch_size
+        skipped_since_log = skipped_since_log + metrics["skipped_records"]
         should_log = step % config.log_every == 0 or step == steps
         should_save = step % config.checkpoint_every == 0 or step == steps
         stop = preempt.requested or ckpt.reached_preemption(step)
@@ -396,6 +398,11 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
         if should_log:
           dt = time.perf_counter() - t0
           last["img_per_sec"] = seen / dt if dt > 0 else 0.0
+          # Corrupt records skipped since the last log line, and in this run so far.
+          last["skipped_records"] = float(skipped_since_log)
+          skipped_total += last["skipped_records"]
+          last["skipped_records_total"] = skipped_total
+          skipped_since_log = 0
           writer.write(step, last)
           progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}",
                                img_s=f"{last['img_per_sec']:.1f}", refresh=False)

@@ -242,3 +242,20 @@ def test_init_from_copies_backbone(data_root, tmp_path):
   fresh = jax.device_get(state.params["net"]["head"]["whiten"]["kernel"][...])
   kept = jax.device_get(loaded.params["net"]["head"]["whiten"]["kernel"][...])
   np.testing.assert_array_equal(fresh, kept)  # the head is not touched
+
+
+def test_corrupt_records_are_skipped_and_counted_in_the_metrics(data_root, tmp_path):
+  import shutil
+  from qaff_jax.data import records
+  train = tmp_path / "train"
+  shutil.copytree(os.path.join(data_root, "train"), train)
+  good = next(records.iter_tfrecord(sorted(train.iterdir())[0]))
+  bad_jpeg = records.make_gldv2_example(b"not a jpeg", 1, "bad", 10, 10)
+  records.write_tfrecord(train / "train-00009-of-00010", [b"garbage", bad_jpeg, good])
+  config = tiny_config(data_root, total_steps=5, **{"data.train_files": str(train)})
+  workdir = str(tmp_path / "run")
+  out = train_lib.train_and_evaluate(config, workdir)
+  # 49 good records -> 5 steps of 16 read the 3-record shard at least once.
+  assert out["skipped_records_total"] >= 2
+  rows = metric_writer.read_metrics(workdir)
+  assert sum(r["skipped_records"] for r in rows) == out["skipped_records_total"]
