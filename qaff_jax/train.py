@@ -42,6 +42,10 @@ def main(argv):
   result = train_lib.train_and_evaluate(config, _WORKDIR.value, init_from=_INIT_FROM.value)
   if "eval" in result:
     print(report.markdown_table(result["eval"]))
+    for name, metrics in result["eval"].items():
+      if "fusion" in metrics:
+        from qaff_jax.evaluation import fusion_stats
+        print(f"\nQAFF fusion weights, {name}:\n" + fusion_stats.format_fusion_summary(metrics["fusion"]))
   logging.info("done: %s", {k: v for k, v in result.items() if k != "eval"})
 
 
