@@ -7,6 +7,8 @@ python -m qaff_jax.evaluate --workdir runs/r101 --data_dir /data/revisitop \
 python -m qaff_jax.evaluate --query_features Q.npy --db_features X.npy \
     --gnd gnd_roxford5k.pkl --rerank superglobal --json
 python -m qaff_jax.evaluate --ranks R.npy --gnd gnd_roxford5k.pkl --json
+python -m qaff_jax.evaluate --gldv2_solution retrieval_solution_v2.1.csv \
+    --query_features test.npy --query_ids test_ids.txt --db_features index.npy --db_ids index_ids.txt
 
 Descriptor files hold one row per image in `qimlist` / `imlist` order; a ranks
 file has shape (n_db, n_queries), column i ranking the database for query i
@@ -53,23 +55,25 @@ _SKIP_MISSING = flags.DEFINE_bool("skip_missing", False, "Count missing/unreadab
                                   "instead of failing.")
 _SCANN_DIR = flags.DEFINE_string("scann_dir", None, "Save the ScaNN index here (its size "
                                  "per image is reported).")
+_GLDV2 = flags.DEFINE_string("gldv2_solution", None, "GLDv2 retrieval_solution_v2.1.csv: "
+                             "score --query_features/--db_features with mAP@100.")
+_QUERY_IDS = flags.DEFINE_string("query_ids", None, "GLDv2: test image ids, one per line.")
+_DB_IDS = flags.DEFINE_string("db_ids", None, "GLDv2: index image ids, one per line.")
 _OUT = flags.DEFINE_string("out", None, "Report folder (default: <workdir>/eval or ./eval_report).")
 
 
 def main(argv):
   del argv
-  from qaff_jax import config_lib
   from qaff_jax.evaluation import cli, runner
   config = _CONFIG.value
-  if config is None and _WORKDIR.value is None:
-    config = config_lib.base_config()
   request = cli.Request(
       workdir=_WORKDIR.value, step=_STEP.value, data_dir=_DATA_DIR.value,
       datasets=_DATASETS.value, r1m=_R1M.value, r1m_root=_R1M_ROOT.value,
       search=_SEARCH.value, rerank=_RERANK.value, k=_K.value,
       query_features=_QUERY_FEATURES.value, db_features=_DB_FEATURES.value,
       ranks=_RANKS.value, gnd=_GND.value, ranks_out=_RANKS_OUT.value,
-      skip_missing=_SKIP_MISSING.value, out=_OUT.value, scann_dir=_SCANN_DIR.value)
+      skip_missing=_SKIP_MISSING.value, out=_OUT.value, scann_dir=_SCANN_DIR.value,
+      gldv2_solution=_GLDV2.value, query_ids=_QUERY_IDS.value, db_ids=_DB_IDS.value)
   results, info, report_dir = cli.run(request, config)
   if _JSON.value:
     flat = {name: runner.flat_metrics(r) for name, r in results.items()}
@@ -77,7 +81,10 @@ def main(argv):
     sys.stdout.write(json.dumps(payload) + "\n")
   else:
     from qaff_jax.evaluation import report
-    print(report.markdown_table(results))
+    if "gldv2" in results:
+      print(" ".join(f"{k}={100 * v:.2f}" for k, v in results["gldv2"].items()))
+    else:
+      print(report.markdown_table(results))
     from qaff_jax.evaluation import fusion_stats
     for name, extra in info.items():
       print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -209,3 +209,36 @@ def test_scale_max_reduce_is_elementwise_max_of_scales(trained):
                         scale_reduce="max", **kw)["descriptor"][0]
   want = np.maximum(per_scale[0], per_scale[1])
   np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-5, atol=1e-6)
+
+
+def test_gldv2_retrieval_mode(tmp_path):
+  # 3 test images, 5 index images; t0 matches i1 exactly, t1 matches i3, t2 is a non-landmark.
+  rng = np.random.default_rng(0)
+  index = rng.normal(size=(5, 8)).astype(np.float32)
+  test = np.stack([index[1], index[3], rng.normal(size=8)]).astype(np.float32)
+  np.save(tmp_path / "index.npy", index)
+  np.save(tmp_path / "test.npy", test)
+  (tmp_path / "index_ids.txt").write_text("\n".join(f"i{j}" for j in range(5)) + "\n")
+  (tmp_path / "test_ids.txt").write_text("t0\nt1\nt2\n")
+  (tmp_path / "sol.csv").write_text("id,images,Usage\nt0,i1 i4,Public\nt1,i3,Private\n"
+                                    "t2,None,Ignored\n")
+  req = cli.Request(gldv2_solution=str(tmp_path / "sol.csv"),
+                    query_features=str(tmp_path / "test.npy"), query_ids=str(tmp_path / "test_ids.txt"),
+                    db_features=str(tmp_path / "index.npy"), db_ids=str(tmp_path / "index_ids.txt"),
+                    out=str(tmp_path / "rep"))
+  results, _, _ = cli.run(req, None)
+  # Independent: rank index images by cosine and apply the Kaggle AP@100 by hand.
+  def ap(qv, relevant):
+    order = np.argsort(-(index / np.linalg.norm(index, axis=1, keepdims=True)) @ qv, kind="stable")
+    hits, total = 0, 0.0
+    for rank, j in enumerate(order, 1):
+      if f"i{j}" in relevant:
+        hits += 1
+        total += hits / rank
+    return total / min(len(relevant), 100)
+  t0 = ap(test[0] / np.linalg.norm(test[0]), {"i1", "i4"})
+  t1 = ap(test[1] / np.linalg.norm(test[1]), {"i3"})
+  assert results["gldv2"]["mAP@100_public"] == pytest.approx(t0)
+  assert results["gldv2"]["mAP@100_private"] == pytest.approx(t1)
+  assert results["gldv2"]["mAP@100_all"] == pytest.approx((t0 + t1) / 2)
+  assert os.path.exists(tmp_path / "rep" / "report.md")

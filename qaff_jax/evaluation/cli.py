@@ -44,6 +44,9 @@ class Request:
   skip_missing: bool = False
   out: str | None = None
   scann_dir: str | None = None
+  gldv2_solution: str | None = None   # retrieval_solution_v2.1.csv
+  query_ids: str | None = None        # text files, one image id per line,
+  db_ids: str | None = None           # in the row order of the feature files
 
 
 def _name_of_gnd(path: str) -> str:
@@ -109,6 +112,11 @@ def _search_kwargs(req: Request, config) -> dict:
 
 def run(req: Request, config) -> tuple[dict, dict, str]:
   """Returns (results {dataset: metrics incl. per-query APs}, info {dataset: ...}, report dir)."""
+  if config is None and not req.workdir:
+    from qaff_jax import config_lib
+    config = config_lib.base_config()  # search / re-ranking defaults
+  if req.gldv2_solution:
+    return _run_gldv2(req, config)
   if req.ranks:
     return _run_ranks(req)
   if req.query_features or req.db_features:
@@ -156,6 +164,36 @@ def _run_features(req: Request, config):
   results = {name: runner.score(res.indices, gnd["gnd"])}
   _write_ranks(req.ranks_out, name, res.indices, False)
   return _finish(results, {name: res.info}, req, "eval_report")
+
+
+def _read_ids(path: str | None, flag: str, n: int) -> list[str]:
+  if not path:
+    raise ValueError(f"--{flag} is required with --gldv2_solution")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--{flag}: no file {path}")
+  with open(path, encoding="utf-8") as f:
+    ids = [line.strip() for line in f if line.strip()]
+  if len(ids) != n:
+    raise ValueError(f"--{flag} {path}: {len(ids)} ids for {n} feature rows")
+  return ids
+
+
+def _run_gldv2(req: Request, config):
+  """GLDv2 retrieval: top-100 index images per test image, Kaggle mAP@100."""
+  from qaff_jax.evaluation import metrics
+  solution = metrics.load_gldv2_retrieval_solution(req.gldv2_solution)
+  q = _load_npy(req.query_features or "", "--query_features")
+  db = _load_npy(req.db_features or "", "--db_features")
+  q_ids = _read_ids(req.query_ids, "query_ids", q.shape[0])
+  db_ids = _read_ids(req.db_ids, "db_ids", db.shape[0])
+  kwargs = _search_kwargs(req, config)
+  kwargs["k"] = min(100, db.shape[0]) if req.k is None else req.k
+  res = runner.search_and_rerank(_normalize(q), _normalize(db), **kwargs)
+  predictions = {qid: [db_ids[j] for j in row if j >= 0]
+                 for qid, row in zip(q_ids, res.indices)}
+  result = {f"mAP@100_{usage}": metrics.gldv2_map_at_k(predictions, solution.subset(usage))
+            for usage in ("public", "private", "all")}
+  return _finish({"gldv2": result}, {"gldv2": res.info}, req, "eval_report")
 
 
 def _distractor_files(r1m: str, r1m_root: str | None) -> list[str]:

@@ -13,11 +13,19 @@ def markdown_table(results: dict[str, dict], kappas=(1, 5, 10)) -> str:
   head = ["dataset"] + [f"mAP {p}" for p in PROTOCOLS] + [
       f"mP@{k} {p}" for p in PROTOCOLS for k in kappas]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  other = {name: m for name, m in results.items() if "mAP_E" not in m}
   for name, m in results.items():
+    if name in other:
+      continue
     cells = [name] + [f"{100 * m[f'mAP_{p}']:.2f}" for p in PROTOCOLS] + [
         f"{100 * m[f'mP@{k}_{p}']:.2f}" for p in PROTOCOLS for k in kappas]
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  if len(other) == len(results):
+    lines = []
+  for name, m in other.items():  # e.g. GLDv2 retrieval: mAP@100_public / _private / _all
+    lines += ["", f"| {name} | value |", "|---|---|"]
+    lines += [f"| {k} | {100 * v:.2f} |" for k, v in m.items() if isinstance(v, float)]
+  return "\n".join(lines).strip("\n")
 
 
 def write_report(results: dict[str, dict], out_dir: str, extra: dict | None = None) -> str:
