@@ -227,7 +227,9 @@ def _run_checkpoint(req: Request, config):
     missing = set(revisited.check_paths(paths, skip_missing=req.skip_missing,
                                         what="R1M distractors"))
     loaders, sizes = runner.path_inputs(paths, missing)
-    ids = [os.path.relpath(p, req.r1m_root or os.path.dirname(paths[0])) for p in paths]
+    base = req.r1m if os.path.isdir(req.r1m) else (
+        req.r1m_root or os.path.dirname(os.path.abspath(req.r1m)))
+    ids = [os.path.relpath(p, base) for p in paths]
     distractors = runner.cached_extract(
         os.path.join(cache, f"r1m_{tag}.npz"), ids, loaders, sizes, forward=forward,
         mesh=mesh, settings=settings)["descriptor"]
