@@ -75,8 +75,8 @@ qaff  ours: configs/gldv2.py unchanged (head 'qaff').
 
 Not expressible in this trainer, so only documented: DELG's plain (non-nesterov) momentum
 and linear lr decay (here: nesterov, cosine); pycls' warm-up from 0.1 x lr (here from 0);
-SuperGlobal's ReLU+ inside backbone stages 1-3 (its max over scales is
-`eval.scale_reduce='max'`); DOLG/CFCD extraction without a size cap.
+DOLG/CFCD extraction without a size cap. SuperGlobal's ReLU+ (0.014) sits in ResNet stages
+1-3 via `model.relu_floor`, and its max over scales is `eval.scale_reduce='max'`.
 """
 
 import math
@@ -133,6 +133,7 @@ def _cvnet(c):
 def _superglobal(c):
   _cvnet(c)
   c.model.update(dict(head="superglobal", learn_p=False))
+  c.model.relu_floor = 0.014       # ReLU+ inside ResNet stages 1-3 (SuperGlobal model/resnet.py)
   c.model.baseline.update(dict(gemp_p=4.6, rgem_p=2.5, rgem_size=5, rgem_blend=0.5,
                                relu_floor=0.0))
   c.eval.rerank = "superglobal"

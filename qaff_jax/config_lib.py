@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet101"
   c.model.output_stride = 32
+  c.model.relu_floor = 0.0         # SuperGlobal's ReLU+ in ResNet stages 1-3 (0.014); 0 = off
   c.model.head = "gem"
   c.model.dim = 512
   c.model.gem_p = 3.0

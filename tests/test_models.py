@@ -327,3 +327,20 @@ def test_build_model_reads_plain_dict_and_defaults():
   assert model.head.pool.p == 4.0
   assert model.backbone.output_stride == 32
   assert model(_images())["descriptor"].shape == (2, 8)
+
+
+def test_relu_plus_floors_stages_one_to_three_only():
+  """SuperGlobal's ReLU+: stage 1-3 outputs >= floor, stage 4 plain ReLU, same params."""
+  cfg = dict(backbone="resnet_tiny", head="gem", dim=8, relu_floor=0.5)
+  net = models.build_model(cfg, rngs=nnx.Rngs(0))
+  plain = models.build_model({**cfg, "relu_floor": 0.0}, rngs=nnx.Rngs(0))
+  net.eval()
+  plain.eval()
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  stages = net.backbone(x, return_stages=True)
+  for name in ("layer1", "layer2", "layer3"):
+    assert float(jnp.min(stages[name])) >= 0.5 - 1e-6, name
+  assert float(jnp.min(stages["layer4"])) == 0.0
+  assert jax.tree.structure(nnx.state(net)) == jax.tree.structure(nnx.state(plain))
+  with pytest.raises(ValueError, match="model.relu_floor"):
+    models.build_model({**cfg, "backbone": "vit_tiny"}, rngs=nnx.Rngs(0))

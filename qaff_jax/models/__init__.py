@@ -11,6 +11,7 @@ Config fields read by `build_model` (an ml_collections ConfigDict or a dict):
                  num_tokens, token_dim, hops, heads, mlp_hidden)
   baseline       optional sub-dict for 'dolg' and 'superglobal', see
                  baselines.BaselineSettings
+  relu_floor     ResNet ReLU+ floor (SuperGlobal: 0.014)   default 0 (off)
   dim            descriptor size D
   gem_p          initial GeM exponent                     default 3.0
   learn_p        GeM p trainable                          default True
@@ -118,8 +119,15 @@ def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs
   if not isinstance(dim, int) or dim <= 0:
     raise ValueError(f"model.dim must be a positive int, got {dim!r}.")
 
+  extra = {}
+  relu_floor = model_cfg.get("relu_floor", 0.0)
+  if relu_floor:
+    if not model_cfg["backbone"].startswith("resnet"):
+      raise ValueError(f"model.relu_floor={relu_floor} (SuperGlobal's ReLU+) needs a ResNet "
+                       f"backbone, not model.backbone={model_cfg['backbone']!r}.")
+    extra["relu_floor"] = float(relu_floor)
   backbone = make_backbone(output_stride=output_stride, rngs=rngs,
-                           dtype=dtype, param_dtype=param_dtype)
+                           dtype=dtype, param_dtype=param_dtype, **extra)
   head = make_head(model_cfg, backbone.out_features, rngs=rngs, dtype=dtype,
                    param_dtype=param_dtype)
   return RetrievalModel(backbone, head, dtype=dtype)

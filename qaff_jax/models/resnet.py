@@ -73,6 +73,11 @@ def _shortcut(downsample: nnx.List | None, x: jax.Array, dtype) -> jax.Array:
   return bn(conv(x)).astype(dtype)
 
 
+def _act(x: jax.Array, floor: float) -> jax.Array:
+  """ReLU, or SuperGlobal's ReLU+ (max(x, floor)) when `floor` > 0."""
+  return jnp.maximum(x, jnp.asarray(floor, x.dtype)) if floor > 0 else nnx.relu(x)
+
+
 class BasicBlock(nnx.Module):
   """Two 3x3 convs (ResNet-18/34). `dilation` applies to both convs."""
 
@@ -80,8 +85,10 @@ class BasicBlock(nnx.Module):
 
   def __init__(self, in_features: int, width: int, *, stride: int = 1,
                dilation: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, out_floor: float = 0.0,
+               inner_floor: float = 0.0):
     out = width * self.expansion
+    self.out_floor, self.inner_floor = float(out_floor), float(inner_floor)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.conv1 = _conv(in_features, width, 3, stride=stride, dilation=dilation,
                        **kw)
@@ -92,9 +99,9 @@ class BasicBlock(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nnx.relu(self.bn1(self.conv1(x)).astype(self.dtype))
+    y = _act(self.bn1(self.conv1(x)).astype(self.dtype), self.inner_floor)
     y = self.bn2(self.conv2(y)).astype(self.dtype)
-    return nnx.relu(y + _shortcut(self.downsample, x, self.dtype))
+    return _act(y + _shortcut(self.downsample, x, self.dtype), self.out_floor)
 
 
 class Bottleneck(nnx.Module):
@@ -104,8 +111,10 @@ class Bottleneck(nnx.Module):
 
   def __init__(self, in_features: int, width: int, *, stride: int = 1,
                dilation: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, out_floor: float = 0.0,
+               inner_floor: float = 0.0):
     out = width * self.expansion
+    self.out_floor, self.inner_floor = float(out_floor), float(inner_floor)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.conv1 = _conv(in_features, width, 1, **kw)
     self.bn1 = _bn(width, rngs=rngs, param_dtype=param_dtype)
@@ -117,10 +126,10 @@ class Bottleneck(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nnx.relu(self.bn1(self.conv1(x)).astype(self.dtype))
-    y = nnx.relu(self.bn2(self.conv2(y)).astype(self.dtype))
+    y = _act(self.bn1(self.conv1(x)).astype(self.dtype), self.inner_floor)
+    y = _act(self.bn2(self.conv2(y)).astype(self.dtype), self.inner_floor)
     y = self.bn3(self.conv3(y)).astype(self.dtype)
-    return nnx.relu(y + _shortcut(self.downsample, x, self.dtype))
+    return _act(y + _shortcut(self.downsample, x, self.dtype), self.out_floor)
 
 
 class ResNet(nnx.Module):
@@ -137,7 +146,7 @@ class ResNet(nnx.Module):
                widths: Sequence[int] = (64, 128, 256, 512), *,
                stem_width: int | None = None, output_stride: int = 32,
                in_features: int = 3, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, relu_floor: float = 0.0):
     """Builds the trunk.
 
     Args:
@@ -152,6 +161,10 @@ class ResNet(nnx.Module):
       rngs: parameter RNGs.
       dtype: compute dtype of the convs (BatchNorm always runs in float32).
       param_dtype: storage dtype of the parameters.
+      relu_floor: SuperGlobal's ReLU+ (0 = plain ReLU): block outputs of stages
+        1-3 become max(x, relu_floor), and so do the inner activations of
+        stage 1's blocks, as in the SuperGlobal code (0.014 there); stage 4
+        keeps plain ReLUs. Parameters are unchanged, so any checkpoint loads.
     """
     if len(blocks) != 4 or len(widths) != 4:
       raise ValueError(f"ResNet needs 4 stages, got blocks={blocks}, "
@@ -176,7 +189,9 @@ class ResNet(nnx.Module):
       for j in range(n):
         layer.append(block(
             features, width, stride=stride if j == 0 else 1,
-            dilation=previous_dilation if j == 0 else dilation, **kw))
+            dilation=previous_dilation if j == 0 else dilation,
+            out_floor=relu_floor if i < 3 else 0.0,
+            inner_floor=relu_floor if i == 0 else 0.0, **kw))
         features = width * block.expansion
       stages.append(nnx.List(layer))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
