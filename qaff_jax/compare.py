@@ -11,7 +11,6 @@ method. `--quick` runs each variant for a few steps (smoke test);
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Any
@@ -59,12 +58,10 @@ SETS = {"ablations": ABLATIONS, "baselines": BASELINES}
 
 
 def demo_config(arg: str | None = None):
+  from qaff_jax import config_lib
   here = os.path.dirname(os.path.abspath(__file__))
   path = os.path.join(os.path.dirname(here), "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("qaff_demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_module(path).get_config(arg)
 
 
 def apply_overrides(config, overrides: dict[str, Any]):

@@ -4,7 +4,6 @@ No training: models are built abstractly (nnx.eval_shape) on the tiny ResNet.
 """
 
 import dataclasses
-import importlib.util
 import math
 import os
 
@@ -20,11 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_config_module(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 baselines = load("baselines")

@@ -1,6 +1,5 @@
 """Config files, their variants and errors; no TensorFlow anywhere; the benchmark runs."""
 
-import importlib.util
 import os
 import sys
 
@@ -12,11 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_config_module(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def test_gldv2_recipe():
