@@ -17,6 +17,10 @@ VARIANTS = [
     ("resnet_tiny", "gem", "madacos", {}),
     ("resnet_tiny", "gem", "contrastive", {}),
     ("resnet_tiny", "gem", "triplet", {"loss.pair_margin": 0.1}),
+    # QAFF ablations (fusion modes, plain-GeM global branch)
+    *[("resnet_tiny", "qaff", "arcface", {"model.qaff.fusion": mode})
+      for mode in ("uniform", "static", "concat", "global", "regional", "scale")],
+    ("resnet_tiny", "qaff", "arcface", {"model.qaff.global_pool": "gem"}),
     ("ultron_tiny", "gem", "arcface", {}),
     ("vit_tiny", "gem", "arcface", {}),
 ]
@@ -38,13 +42,17 @@ def small_config(backbone, head, loss, extra):
   c.optim.warmup_epochs = 0.0
   c.mesh.model = 2
   for key, value in extra.items():
-    section, field = key.split(".")
-    c[section][field] = value
+    *path, field = key.split(".")
+    node = c
+    for p in path:
+      node = node[p]
+    node[field] = value
   return c
 
 
 @pytest.mark.parametrize("backbone,head,loss,extra", VARIANTS,
-                         ids=[f"{b}-{h}-{l}" for b, h, l, _ in VARIANTS])
+                         ids=[f"{b}-{h}-{l}" + "".join(f"-{v}" for v in e.values())
+                              for b, h, l, e in VARIANTS])
 def test_two_steps_on_a_4x2_mesh(backbone, head, loss, extra):
   config = small_config(backbone, head, loss, extra)
   mesh = parallel.make_mesh(config.mesh.model)
