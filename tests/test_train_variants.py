@@ -21,6 +21,7 @@ VARIANTS = [
     *[("resnet_tiny", "qaff", "arcface", {"model.qaff.fusion": mode})
       for mode in ("uniform", "static", "concat", "global", "regional", "scale")],
     ("resnet_tiny", "qaff", "arcface", {"model.qaff.global_pool": "gem"}),
+    ("resnet50", "gem", "arcface", {}),  # the Bottleneck path at real width
     ("ultron_tiny", "gem", "arcface", {}),
     ("vit_tiny", "gem", "arcface", {}),
 ]
