@@ -47,6 +47,21 @@ class Checkpointer:
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"]
 
+  def restore_model(self, step: int, abstract_state):
+    """Restores only `params` and `model_state` (what inference needs).
+
+    Optimizer and loss state are not read, so evaluation works on checkpoints
+    whose train state had other fields. Returns the state with those two
+    fields filled (the others stay abstract).
+    """
+    item = {"params": abstract_state.params, "model_state": abstract_state.model_state}
+    restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))["state"]
+    logging.info("checkpoint: restored the model of step %d from %s", step, self.directory)
+    return abstract_state.replace(params=restored["params"],
+                                  model_state=restored["model_state"])
+
   def reached_preemption(self, step: int) -> bool:
     """True on every process once a multi-host preemption notice has arrived."""
     return self._mngr.reached_preemption(step)

@@ -54,7 +54,7 @@ def load_network(workdir: str, config=None, step: int | None = None):
     if step is None:
       raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
     graphdef, abstract, _ = train_lib.abstract_train_state(config, mesh, tx)
-    state = ckpt.restore(step, abstract)
+    state = ckpt.restore_model(step, abstract)
   finally:
     ckpt.close()
   return config, train_lib.merge_model(graphdef, state, train=False), mesh, step
