@@ -52,7 +52,8 @@ class Checkpointer:
 
     Optimizer and loss state are not read, so evaluation works on checkpoints
     whose train state had other fields. Returns the state with those two
-    fields filled (the others stay abstract).
+    fields filled (the others stay abstract). Use a fresh Checkpointer: one
+    that has saved in this process keeps Orbax's save handler for `state`.
     """
     item = {"params": abstract_state.params, "model_state": abstract_state.model_state}
     restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
