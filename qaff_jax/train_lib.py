@@ -146,16 +146,16 @@ def abstract_train_state(config, mesh, tx):
   return graphdef, abstract, shardings
 
 
-def create_train_state(config, mesh, tx):
-  """Builds the state directly into its shardings (no unsharded copy is made).
+def init_train_state(config, mesh, tx, shardings) -> TrainState:
+  """Initialises the state directly into `shardings` (no unsharded copy is made)."""
+  init = _init_fn(config, tx, num_class_rows(config.data.num_classes, mesh))
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
 
-  Returns (graphdef, state, shardings).
-  """
+
+def create_train_state(config, mesh, tx):
+  """(graphdef, freshly initialised sharded state, shardings)."""
   graphdef, _, shardings = abstract_train_state(config, mesh, tx)
-  rows = num_class_rows(config.data.num_classes, mesh)
-  init = _init_fn(config, tx, rows)
-  state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
-  return graphdef, state, shardings
+  return graphdef, init_train_state(config, mesh, tx, shardings), shardings
 
 
 def merge_model(graphdef, state: TrainState, *, train: bool = False) -> nnx.Module:
@@ -354,24 +354,26 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
       process_index=jax.process_index(), process_count=jax.process_count())
   data_iter = iter(dataset)
 
-  # --- Model & optimizer, sharded at birth.
+  # --- Model & optimizer: shapes and shardings first, nothing materialised yet.
   tx, schedule = make_optimizer(config)
-  graphdef, state, shardings = create_train_state(config, mesh, tx)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  graphdef, abstract, shardings = abstract_train_state(config, mesh, tx)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   logging.info("parameters: %.2fM (class matrix included)", n_params / 1e6)
 
   # --- Step.
   step_fn = jit_train_step(graphdef, tx, schedule, config, mesh, shardings)
 
-  # --- Restore (automatic resume) or initialise from another checkpoint.
+  # --- Restore (automatic resume), or initialise (optionally from another checkpoint).
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=config.keep_checkpoints)
   last_saved = ckpt.latest_step()
   if last_saved is not None:
-    state = ckpt.restore(last_saved, abstract_train_state(config, mesh, tx)[1], data_iter)
+    state = ckpt.restore(last_saved, abstract, data_iter)
     logging.info("resumed from step %d", last_saved)
-  elif init_from:
-    state = init_backbone_from(state, init_from, shardings)
+  else:
+    state = init_train_state(config, mesh, tx, shardings)
+    if init_from:
+      state = init_backbone_from(state, init_from, shardings)
 
   # --- Loop.
   steps = total_steps(config)
