@@ -211,9 +211,7 @@ def _run_checkpoint(req: Request, config):
   from qaff_jax.evaluation import extract as extract_lib
   forward = extract_lib.make_forward(net, mesh, keys=("descriptor", "fusion_weights"))
   ev = config.eval
-  settings = runner.ExtractSettings(max_side=ev.max_side, scales=tuple(ev.scales),
-                                    batch_size=ev.batch_size, bucket=ev.bucket,
-                                    scale_reduce=ev.scale_reduce)
+  settings = runner.ExtractSettings.from_config(ev)
   root = req.data_dir or ev.data_root
   if not root:
     raise ValueError("--data_dir (or config.eval.data_root) is required with --workdir")

@@ -12,30 +12,22 @@ import time
 
 import jax
 import numpy as np
-from PIL import Image
 
 from qaff_jax.data import revisited
 from qaff_jax.evaluation import extract as extract_lib
 from qaff_jax.evaluation import metrics
 from qaff_jax.evaluation import report
+from qaff_jax.evaluation import runner
 from qaff_jax.evaluation import search
 
 
 def extract_dataset(forward, ds: "revisited.RevisitedDataset", *, mesh, eval_cfg):
   """Query (bbox-cropped) and database outputs of one revisited dataset."""
-  q_images = [ds.load_query(i, crop=True) for i in range(len(ds.qimlist))]
-  db_sizes = []
-  for i in range(len(ds.imlist)):
-    with Image.open(ds.db_path(i)) as im:
-      db_sizes.append((im.height, im.width))
-  kw = dict(mesh=mesh, max_side=eval_cfg.max_side, scales=tuple(eval_cfg.scales),
-            batch_size=eval_cfg.batch_size, bucket=eval_cfg.bucket,
-            scale_reduce=eval_cfg.scale_reduce)
-  q = extract_lib.extract(forward, [lambda im=im: im for im in q_images],
-                          [im.shape[:2] for im in q_images], **kw)
-  db = extract_lib.extract(forward, [lambda i=i: ds.load_db(i) for i in range(len(ds.imlist))],
-                           db_sizes, **kw)
-  return q, db
+  (q_loaders, q_sizes), (db_loaders, db_sizes) = runner.dataset_inputs(ds, missing=set())
+  settings = runner.ExtractSettings.from_config(eval_cfg)
+  kw = dict(forward=forward, mesh=mesh, settings=settings)
+  return (runner.cached_extract(None, ds.qimlist, q_loaders, q_sizes, **kw),
+          runner.cached_extract(None, ds.imlist, db_loaders, db_sizes, **kw))
 
 
 def fusion_summary(config, q: dict, db: dict) -> dict:

@@ -72,6 +72,13 @@ class ExtractSettings:
   bucket: int = 64
   scale_reduce: str = "mean"
 
+  @classmethod
+  def from_config(cls, eval_cfg) -> "ExtractSettings":
+    """The extraction fields of `config.eval`."""
+    return cls(max_side=eval_cfg.max_side, scales=tuple(eval_cfg.scales),
+               batch_size=eval_cfg.batch_size, bucket=eval_cfg.bucket,
+               scale_reduce=eval_cfg.scale_reduce)
+
   def key(self) -> str:
     return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True)
                         .encode()).hexdigest()[:10]
