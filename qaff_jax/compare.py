@@ -65,15 +65,8 @@ def demo_config(arg: str | None = None):
 
 
 def apply_overrides(config, overrides: dict[str, Any]):
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    if last not in node:
-      raise KeyError(f"variant override {key!r}: no such config field")
-    node[last] = value
-  return config
+  from qaff_jax import config_lib
+  return config_lib.apply_overrides(config, overrides)
 
 
 def run_variant(name: str, overrides: dict, workdir: str, quick: bool,

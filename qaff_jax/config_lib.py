@@ -56,6 +56,19 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
+  """Sets dotted fields (`{"model.qaff.fusion": "uniform"}`); an unknown one is a KeyError."""
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    if last not in node:
+      raise KeyError(f"config override {key!r}: no such config field")
+    node[last] = value
+  return config
+
+
 def load_config_module(path: str):
   """Imports a config file by path (config files are not a package)."""
   name = "qaff_config_" + os.path.splitext(os.path.basename(path))[0]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from qaff_jax import metric_writer, parallel, train_lib
+from qaff_jax import config_lib, metric_writer, parallel, train_lib
 from qaff_jax.data import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,13 +51,7 @@ def tiny_config(root, **overrides):
   c.eval.data_root = os.path.join(root, "test")
   c.eval.max_side = 64
   c.eval.scales = (1.0,)
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return config_lib.apply_overrides(c, overrides)
 
 
 def losses_by_step(workdir):

@@ -42,13 +42,7 @@ def small_config(backbone, head, loss, extra):
   c.total_steps = 2
   c.optim.warmup_epochs = 0.0
   c.mesh.model = 2
-  for key, value in extra.items():
-    *path, field = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[field] = value
-  return c
+  return config_lib.apply_overrides(c, extra)
 
 
 @pytest.mark.parametrize("backbone,head,loss,extra", VARIANTS,
