@@ -127,7 +127,11 @@ def extract(forward: Callable, loaders: Sequence[Callable[[], np.ndarray]],
           break
         i, (h, w) = chunk[j]
         if i not in cache:
-          cache.clear()  # keep one decoded image; jobs of one image are near
+          # One decoded image is kept: it serves the rare case of two scales of
+          # one image in the same bucket. Usually the scales of an image land
+          # in different buckets, so an image is decoded once per scale; that
+          # keeps memory bounded by one batch instead of the whole dataset.
+          cache.clear()
           cache[i] = loaders[i]()
         img = resize_to(cache[i], (h, w))
         images[row, :h, :w] = img
