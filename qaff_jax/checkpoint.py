@@ -67,9 +67,6 @@ class Checkpointer:
     """True on every process once a multi-host preemption notice has arrived."""
     return self._mngr.reached_preemption(step)
 
-  def wait(self):
-    self._mngr.wait_until_finished()
-
   def close(self):
     self._mngr.wait_until_finished()
     self._mngr.close()
