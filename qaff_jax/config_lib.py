@@ -125,7 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.qaff = ml_collections.ConfigDict(dict(
       grid=3, scales=(0.5, 0.75, 1.5), fusion="adaptive", temperature=1.0,
       global_pool="scgem", projection="per_type", num_tokens=16, token_dim=128,
-      hops=3, heads=8, mlp_hidden=256))
+      hops=3, heads=8, mlp_hidden=256, attn_dim=64, route_weight=0.0, route_tau=1.0,
+      route_over="features", entropy_weight=0.0, fusion_lr_mult=1.0))
   # Baseline heads 'dolg' and 'superglobal' (models.baselines.BaselineSettings);
   # local_in_features None = half the map's channels (an int may override it).
   c.model.baseline = ml_collections.ConfigDict(dict(
@@ -142,6 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.madacos_alpha = 0.02      # MadaCos target probability of the median sample
   c.loss.pair_margin = 0.7         # contrastive (0.7) / triplet (0.1) margin
   c.loss.aux_weight = 0.0          # auxiliary loss per feature type (QAFF heads)
+  c.loss.aux_mode = "type_mean"    # type_mean | per_feature | routed (losses.fusion_terms)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"             # sgd (nesterov momentum) | adamw

@@ -128,3 +128,128 @@ def classification_loss(embeddings, weight, labels, loss_state: dict, *, num_cla
   else:
     raise ValueError(f"config.loss.name={name!r}; choose one of {LOSSES}")
   return jnp.mean(loss), jnp.mean(correct.astype(jnp.float32)), loss_state
+
+
+# ---------------------------------------------------------------------------
+# Fusion training terms (QAFF): which feature should carry an image.
+
+AUX_MODES = ("type_mean", "per_feature", "routed")
+
+
+def routing_target(candidate_losses, tau: float, valid=None):
+  """Routing-distillation target softmax(-loss_i / tau) per example, no gradient.
+
+  Args:
+    candidate_losses: [B, K] margin loss of each candidate feature of an
+      example against its class (lower = the feature identifies the class).
+    tau: temperature (> 0); small tau routes all mass to the best feature.
+    valid: optional [B, K] bool; invalid candidates get zero mass.
+  Returns:
+    [B, K] float32, rows summing to 1 (stop-gradient).
+  """
+  logits = -jax.lax.stop_gradient(candidate_losses).astype(jnp.float32) / tau
+  if valid is not None:
+    logits = jnp.where(valid, logits, -jnp.inf)
+  return jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
+
+
+def routing_kl(target, log_weights):
+  """KL(target || w) per example, [B]; 0 log 0 = 0 (masked features are free)."""
+  t = target.astype(jnp.float32)
+  log_t = jnp.log(jnp.where(t > 0, t, 1.0))
+  return jnp.sum(jnp.where(t > 0, t * (log_t - log_weights), 0.0), axis=-1)
+
+
+def weight_entropy(log_weights):
+  """Shannon entropy (nats) of each row of fusion weights given their logs, [B]."""
+  w = jnp.exp(log_weights)
+  return -jnp.sum(jnp.where(w > 0, w * log_weights, 0.0), axis=-1)
+
+
+def type_log_weights(log_weights, types):
+  """[B, K] feature log-weights -> [B, T] log total weight of each type.
+
+  `types` is a static [K] int array (0..T-1) of each feature's type.
+  """
+  groups = [jnp.asarray(types) == t for t in range(int(max(types)) + 1)]
+  return jnp.stack([jax.nn.logsumexp(jnp.where(g, log_weights, -jnp.inf), axis=-1)
+                    for g in groups], axis=-1)
+
+
+def fusion_terms(out: dict, per_example_loss, *, types, route_over: str = "features",
+                 route_tau: float = 1.0, aux_mode: str = "type_mean",
+                 need_route: bool = True) -> dict:
+  """Auxiliary, routing and entropy terms of a fusion head's output.
+
+  Args:
+    out: the head's output: `aux_descriptors` {"global": [B, D], "regional":
+      [B, R, D], "scale": [B, S, D]}, `fusion_log_weights` [B, K],
+      `fusion_valid` [B, K] (K = 1 + R + S, features in that order).
+    per_example_loss: f(embeddings [N, D], repeat: int) -> [N] margin loss of
+      each row against the labels repeated `repeat` times (row-major: the
+      rows of example b are b*repeat .. b*repeat + repeat - 1).
+    types: [K] static ints, 0 global / 1 regional / 2 scale.
+    route_over: 'features' or 'types' (see `QAFFSettings`).
+    route_tau: routing-target temperature.
+    aux_mode: 'type_mean' (loss of each type's mean descriptor, averaged over
+      types), 'per_feature' (loss of every feature, averaged), 'routed'
+      (each example's feature losses weighted by its routing target: every
+      feature learns from the examples it is the best candidate for).
+    need_route: compute the routing KL (else 0).
+  Returns:
+    {"aux": scalar, "route": scalar KL (mean over the batch),
+     "entropy": scalar mean entropy of the weights, "target_max": mean of the
+     target's largest mass}.
+  """
+  if aux_mode not in AUX_MODES:
+    raise ValueError(f"config.loss.aux_mode={aux_mode!r}; choose one of {AUX_MODES}")
+  aux = out["aux_descriptors"]
+  log_w = out["fusion_log_weights"].astype(jnp.float32)
+  valid = out["fusion_valid"]
+  b = log_w.shape[0]
+  types = [int(t) for t in types]
+  parts = [aux["global"][:, None], aux["regional"], aux["scale"]]
+  feats = jnp.concatenate([p for p in parts if p.shape[1]], axis=1)      # [B, K, D]
+  means = jnp.stack([p.mean(axis=1) for p in parts if p.shape[1]], axis=1)
+  type_ids = [t for t, p in enumerate(parts) if p.shape[1]]
+
+  need_features = aux_mode != "type_mean" or (need_route and route_over == "features")
+  feat_loss = type_loss = None
+  if need_features:
+    k = feats.shape[1]
+    feat_loss = per_example_loss(feats.reshape(b * k, -1), k).reshape(b, k)
+  if aux_mode == "type_mean" or (need_route and route_over == "types"):
+    t = means.shape[1]
+    type_loss = per_example_loss(means.reshape(b * t, -1), t).reshape(b, t)
+
+  if route_over == "features":
+    cand_loss, cand_log_w, cand_valid = feat_loss, log_w, valid
+  else:
+    type_valid = jnp.stack([jnp.any(jnp.where(jnp.asarray(types) == t, valid, False), -1)
+                            for t in type_ids], axis=-1)
+    cand_loss = type_loss
+    cand_log_w = type_log_weights(log_w, types)[:, jnp.asarray(type_ids)]
+    cand_valid = type_valid
+  route = jnp.zeros((), jnp.float32)
+  target_max = jnp.zeros((), jnp.float32)
+  target = None
+  if need_route or aux_mode == "routed":
+    if cand_loss is None:  # routed aux over types needs the type losses
+      cand_loss = type_loss
+    target = routing_target(cand_loss, route_tau, cand_valid)
+    target_max = jnp.mean(jnp.max(target, axis=-1))
+    if need_route:
+      route = jnp.mean(routing_kl(target, cand_log_w))
+
+  if aux_mode == "type_mean":
+    aux_loss = jnp.mean(type_loss)
+  elif aux_mode == "per_feature":
+    aux_loss = jnp.sum(jnp.where(valid, feat_loss, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+  else:  # routed: the target over features (a type target spreads within its type)
+    if route_over == "features":
+      feat_target = target
+    else:
+      feat_target = routing_target(feat_loss, route_tau, valid)
+    aux_loss = jnp.mean(jnp.sum(feat_target * jnp.where(valid, feat_loss, 0.0), axis=-1))
+  return {"aux": aux_loss, "route": route,
+          "entropy": jnp.mean(weight_entropy(log_w)), "target_max": target_max}

@@ -100,7 +100,43 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     raise ValueError(f"config.optim.name={o.name!r}; choose 'sgd' or 'adamw'")
   if o.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  fusion = fusion_settings(config)
+  if fusion is not None and fusion.fusion_lr_mult != 1.0:
+    tx = optax.chain(tx, scale_updates_where(_is_fusion_param, fusion.fusion_lr_mult))
   return tx, schedule
+
+
+def fusion_settings(config):
+  """The QAFF head's `QAFFSettings` (validated), or None for other heads."""
+  if config.model.head != "qaff":
+    return None
+  from qaff_jax.models import qaff  # noqa: PLC0415 (only QAFF needs it)
+  return qaff.settings_from_config(config.model)
+
+
+def _is_fusion_param(names: list) -> bool:
+  return any(isinstance(n, str) and n.startswith("fusion_") for n in names)
+
+
+def scale_updates_where(predicate: Callable[[list], bool], factor: float
+                        ) -> optax.GradientTransformation:
+  """Multiplies the updates of the leaves whose key path satisfies `predicate`.
+
+  Applied after the optimizer (SGD with momentum, AdamW with its decoupled
+  decay), scaling an update is scaling that parameter's learning rate.
+  """
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    def one(path, u):
+      names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+      return u * factor if predicate(names) else u
+    return jax.tree_util.tree_map_with_path(one, updates), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def state_shardings(abstract_state: TrainState, mesh, fsdp: bool):
@@ -177,18 +213,41 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
   num_classes = config.data.num_classes
   emb_sharding = parallel.replicated(mesh)
   logits_sharding = NamedSharding(mesh, P(None, parallel.CLASS_AXES))
+  shard = dict(embedding_sharding=emb_sharding, logits_sharding=logits_sharding)
+  fusion = fusion_settings(config)
 
   def loss_fn(params, model_state, loss_state, images, labels):
     module = nnx.merge(graphdef, params, model_state, copy=True)
     out = module.net(transforms.normalize_jnp(images))
     weight = module.classifier.weight[...]
     scale = module.loss_scale() if config.loss.learn_scale else config.loss.scale
-    kw = dict(num_classes=num_classes, config=config.loss, scale=scale,
-              embedding_sharding=emb_sharding, logits_sharding=logits_sharding)
+    kw = dict(num_classes=num_classes, config=config.loss, scale=scale, **shard)
     loss, correct, new_loss_state = losses.classification_loss(
         out["descriptor"], weight, labels, loss_state, **kw)
+    extra = {}
     aux = out.get("aux_descriptors")
-    if aux and config.loss.aux_weight > 0:
+    if fusion is not None and (fusion.route_weight > 0 or fusion.entropy_weight != 0
+                               or config.loss.aux_mode != "type_mean"):
+      # QAFF's fusion terms: per-feature margin losses (ArcFace/CosFace as
+      # config.loss.name, ArcFace for the other losses) give the routing
+      # target; see losses.fusion_terms.
+      margin_name = config.loss.name if config.loss.name in ("arcface", "cosface") else "arcface"
+
+      def per_example(emb, repeat):
+        return losses.margin_softmax_loss(
+            emb, weight, jnp.repeat(labels, repeat), num_classes=num_classes,
+            name=margin_name, scale=scale, margin=config.loss.margin, **shard)[0]
+
+      terms = losses.fusion_terms(
+          out, per_example, types=fusion.feature_types(), route_over=fusion.route_over,
+          route_tau=fusion.route_tau, aux_mode=config.loss.aux_mode,
+          need_route=fusion.route_weight > 0)
+      loss = (loss + config.loss.aux_weight * terms["aux"]
+              + fusion.route_weight * terms["route"]
+              + fusion.entropy_weight * terms["entropy"])
+      extra = {"aux_loss": terms["aux"], "route_kl": terms["route"],
+               "fusion_entropy": terms["entropy"], "route_target_max": terms["target_max"]}
+    elif aux and config.loss.aux_weight > 0:
       # One auxiliary loss per feature type (QAFF: global, regional, scale), on
       # the type's mean descriptor, sharing the class matrix.
       aux_losses = [losses.classification_loss(
@@ -196,30 +255,36 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
                     for d in aux.values()]
       loss = loss + config.loss.aux_weight * sum(aux_losses) / len(aux_losses)
     new_model_state = nnx.state(module, nnx.Not(nnx.Param))
-    return loss, (correct, new_model_state, new_loss_state)
+    return loss, (correct, new_model_state, new_loss_state, extra)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = config.grad_accum
   images, labels = batch["image"], batch["label"]
   if accum == 1:
-    (loss, (acc, model_state, loss_state)), grads = grad_fn(
+    (loss, (acc, model_state, loss_state, extra)), grads = grad_fn(
         state.params, state.model_state, state.loss_state, images, labels)
   else:
     micro = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+    extra_zeros = jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype),
+        jax.eval_shape(grad_fn, state.params, state.model_state, state.loss_state,
+                       micro(images)[0], micro(labels)[0])[0][1][3])
 
     def body(carry, mb):
-      grads, model_state, loss_state, loss, acc = carry
-      (l, (a, model_state, loss_state)), g = grad_fn(
+      grads, model_state, loss_state, loss, acc, extra = carry
+      (l, (a, model_state, loss_state, e)), g = grad_fn(
           state.params, model_state, loss_state, *mb)
       grads = jax.tree.map(jnp.add, grads, g)
-      return (grads, model_state, loss_state, loss + l, acc + a), None
+      extra = jax.tree.map(jnp.add, extra, e)
+      return (grads, model_state, loss_state, loss + l, acc + a, extra), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, model_state, loss_state, loss, acc), _ = jax.lax.scan(
-        body, (zeros, state.model_state, state.loss_state, 0.0, 0.0),
+    (grads, model_state, loss_state, loss, acc, extra), _ = jax.lax.scan(
+        body, (zeros, state.model_state, state.loss_state, 0.0, 0.0, extra_zeros),
         (micro(images), micro(labels)))
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss, acc = loss / accum, acc / accum
+    extra = jax.tree.map(lambda e: e / accum, extra)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -231,6 +296,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
       "lr": schedule(state.step),
       "grad_norm": optax.tree.norm(grads),
       "skipped_records": jnp.sum(batch["skipped"]),
+      **extra,
   }
   return new_state, metrics
 

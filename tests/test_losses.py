@@ -102,3 +102,72 @@ def test_arcface_gradient_is_finite_at_cos_one():
   grad = jax.grad(lambda e: jnp.sum(losses.margin_softmax_loss(
       e, w, jnp.array([0]), num_classes=2)[0]))(emb)
   assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+# ------------------------------------------------------ QAFF fusion terms
+
+
+def test_routing_target_hand_worked():
+  # softmax(-[1, 2, 3] / 1) = [1, e^-1, e^-2] / (1 + e^-1 + e^-2)
+  t = np.asarray(losses.routing_target(jnp.array([[1.0, 2.0, 3.0]]), 1.0))
+  z = 1 + math.exp(-1) + math.exp(-2)
+  np.testing.assert_allclose(t[0], [1 / z, math.exp(-1) / z, math.exp(-2) / z], rtol=1e-6)
+  # A masked candidate gets no mass; tau 0.5 doubles the gaps: [1, 0, e^-2] / (1 + e^-2).
+  t = np.asarray(losses.routing_target(jnp.array([[0.0, 5.0, 1.0]]), 0.5,
+                                       jnp.array([[True, False, True]])))
+  np.testing.assert_allclose(t[0], [1 / (1 + math.exp(-2)), 0.0,
+                                    math.exp(-2) / (1 + math.exp(-2))], rtol=1e-6)
+  # KL(t || uniform over 3) = sum t log t + log 3; KL(t || t) = 0; masked entries are free.
+  kl = float(losses.routing_kl(t, jnp.log(jnp.full((1, 3), 1 / 3)))[0])
+  tt = t[0][t[0] > 0]
+  assert kl == pytest.approx(float(np.sum(tt * np.log(tt)) + math.log(3)), rel=1e-5)
+  log_w = jnp.log(jnp.where(t > 0, t, 1.0)) + jnp.where(t > 0, 0.0, -1e9)
+  assert float(losses.routing_kl(t, log_w)[0]) == pytest.approx(0.0, abs=1e-6)
+  # The target carries no gradient.
+  g = jax.grad(lambda l: jnp.sum(losses.routing_target(l, 1.0)))(jnp.ones((1, 3)))
+  np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def _fake_out(losses_per_feature, log_w):
+  """A head output whose features' 'loss' is their first coordinate."""
+  b, k = losses_per_feature.shape
+  d = 4
+  feats = np.zeros((b, k, d), np.float32)
+  feats[..., 0] = losses_per_feature
+  return {"aux_descriptors": {"global": jnp.asarray(feats[:, 0]),
+                              "regional": jnp.asarray(feats[:, 1:5]),
+                              "scale": jnp.asarray(feats[:, 5:])},
+          "fusion_log_weights": jnp.asarray(log_w, jnp.float32),
+          "fusion_valid": jnp.ones((b, k), bool)}
+
+
+def test_fusion_terms_route_aux_and_entropy_hand_worked():
+  types = [0, 1, 1, 1, 1, 2]  # grid 2, one scale
+  feat_loss = np.array([[3.0, 1.0, 4.0, 4.0, 4.0, 3.0]], np.float32)
+  log_w = np.log(np.full((1, 6), 1 / 6))
+  out = _fake_out(feat_loss, log_w)
+  first = lambda emb, repeat: emb[:, 0]
+  terms = losses.fusion_terms(out, first, types=types, route_over="features",
+                              route_tau=1.0, aux_mode="routed")
+  t = np.exp(-feat_loss[0]) / np.exp(-feat_loss[0]).sum()
+  assert float(terms["route"]) == pytest.approx(float(np.sum(t * np.log(t * 6))), rel=1e-5)
+  assert float(terms["aux"]) == pytest.approx(float(np.sum(t * feat_loss[0])), rel=1e-5)
+  assert float(terms["entropy"]) == pytest.approx(math.log(6), rel=1e-6)
+  assert float(terms["target_max"]) == pytest.approx(float(t.max()), rel=1e-6)
+  # Per-feature aux: the plain mean; type_mean: mean over types of the loss of
+  # each type's mean descriptor (global 3, regional mean 13/4, scale 3).
+  terms = losses.fusion_terms(out, first, types=types, aux_mode="per_feature",
+                              need_route=False)
+  assert float(terms["aux"]) == pytest.approx(float(feat_loss.mean()), rel=1e-6)
+  assert float(terms["route"]) == 0.0
+  terms = losses.fusion_terms(out, first, types=types, route_over="types",
+                              aux_mode="type_mean")
+  assert float(terms["aux"]) == pytest.approx((3 + 13 / 4 + 3) / 3, rel=1e-6)
+  # Over types the target is softmax(-[3, 13/4, 3]) and w's type totals are
+  # [1/6, 4/6, 1/6].
+  tl = np.array([3.0, 13 / 4, 3.0])
+  tt = np.exp(-tl) / np.exp(-tl).sum()
+  want = np.sum(tt * np.log(tt / np.array([1 / 6, 4 / 6, 1 / 6])))
+  assert float(terms["route"]) == pytest.approx(float(want), rel=1e-5)
+  with pytest.raises(ValueError, match="config.loss.aux_mode"):
+    losses.fusion_terms(out, first, types=types, aux_mode="mean")

@@ -364,6 +364,7 @@ def test_fusion_modes_weights_descriptor_and_gradients(fusion, projection):
   assert weights.shape == (2, 13)
   assert {k: v.shape for k, v in aux.items()} == {
       "global": (2, D), "regional": (2, 9, D), "scale": (2, 3, D)}
+  assert out.pop("fusion_valid").dtype == np.bool_
   for v in jax.tree.leaves(out):
     assert v.dtype == np.float32
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
@@ -408,6 +409,7 @@ def test_bfloat16_compute_gives_finite_float32_outputs():
   assert head.global_pool.fuser.query.dtype == jnp.bfloat16
   x = jnp.asarray(_feature_map((2, 6, 6, C)), jnp.bfloat16)
   out = _run(head, x, np.ones((2, 6, 6), np.float32))
+  assert out.pop("fusion_valid").dtype == np.bool_
   for v in jax.tree.leaves(out):
     assert v.dtype == np.float32 and np.isfinite(v).all()
   np.testing.assert_allclose(np.linalg.norm(out["descriptor"], axis=-1), 1.0,
@@ -489,6 +491,7 @@ def test_build_model_every_mode_bfloat16_abstract_forward_backward(head,
   if head == "qaff":
     assert out["fusion_weights"].shape == (2, 13)
     assert out["aux_descriptors"]["regional"].shape == (2, 9, D)
+    assert out.pop("fusion_valid").dtype == jnp.bool_
   for v in jax.tree.leaves((loss, out, grads)):
     assert v.dtype == jnp.float32
   assert jax.tree.structure(grads) == jax.tree.structure(params)
@@ -507,6 +510,7 @@ def test_build_model_qaff_jitted_forward_backward():
   (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       params, images)
   assert np.isfinite(loss)
+  out.pop("fusion_valid")
   for v in jax.tree.leaves(out):
     assert v.dtype == jnp.float32
   np.testing.assert_allclose(jnp.linalg.norm(out["descriptor"], axis=-1), 1.0,
@@ -515,3 +519,69 @@ def test_build_model_qaff_jitted_forward_backward():
   for g in jax.tree.leaves(grads):
     assert np.isfinite(np.asarray(g)).all()
   assert np.abs(np.asarray(grads["backbone"]["conv1"]["kernel"][...])).max() > 0
+
+
+# ----------------------------------------------------------- attention fusion
+
+
+def test_attention_fusion_weights_match_numpy_sum_to_one_and_respect_masks():
+  temperature = 0.5
+  head = _init(lambda: qaff.QAFFHead(
+      C, D, global_pool="gem", fusion="attention", attn_dim=8,
+      temperature=temperature, rngs=_rngs(), **SMALL))
+  rng = np.random.default_rng(7)
+  _set(head.fusion_embed, rng.normal(size=(13, 8)))
+  _set(head.fusion_log_temp, 0.7)
+  x = _feature_map((3, 6, 6, C))
+  # Image 1 is valid only on its top row and left column (an L): the four
+  # regional cells off the L hold no valid cell and must get zero weight.
+  mask = np.ones((3, 6, 6), np.float32)
+  mask[1] = 0.0
+  mask[1, 0, :] = 1.0
+  mask[1, :, 0] = 1.0
+  out = _run(head, x, mask)
+  w = out["fusion_weights"]
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(np.exp(out["fusion_log_weights"]), w, rtol=1e-6)
+  aux = out["aux_descriptors"]
+  feats = np.concatenate([aux["global"][:, None], aux["regional"], aux["scale"]], 1)
+  q = (aux["global"] @ np.asarray(head.fusion_query.kernel[...])
+       + np.asarray(head.fusion_query.bias[...]))
+  k = feats @ np.asarray(head.fusion_key.kernel[...]) + np.asarray(head.fusion_embed[...])
+  logits = np.exp(0.7) / math.sqrt(8) * np.einsum("bd,bnd->bn", q, k) / temperature
+  logits = np.where(out["fusion_valid"], logits, -np.inf)
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  want /= want.sum(-1, keepdims=True)
+  np.testing.assert_allclose(w, want, rtol=1e-4, atol=1e-7)
+  assert out["fusion_valid"][0].all()
+  assert not out["fusion_valid"][1, [5, 6, 8, 9]].any()
+  assert (w[1][~out["fusion_valid"][1]] == 0).all()
+  assert not np.allclose(w[0], w[2])  # per-image weights
+
+
+def test_attention_fusion_gradients_reach_every_fusion_parameter():
+  head = _init(lambda: qaff.QAFFHead(C, D, global_pool="gem", fusion="attention",
+                                     rngs=_rngs(), **SMALL))
+  graphdef, params, rest = nnx.split(head, nnx.Param, ...)
+  x = _feature_map((2, 6, 6, C))
+  target = np.random.default_rng(1).normal(size=(2, D)).astype(np.float32)
+
+  def loss_fn(params):
+    return jnp.sum(nnx.merge(graphdef, params, rest)(x)["descriptor"] * target)
+
+  grads = jax.jit(jax.grad(loss_fn))(params)
+  for name in ("fusion_query", "fusion_key", "fusion_embed", "fusion_log_temp"):
+    leaves = jax.tree.leaves(grads[name])
+    assert leaves and all(np.abs(np.asarray(g)).max() > 0 for g in leaves), name
+
+
+def test_routing_and_entropy_need_a_learned_fusion():
+  with pytest.raises(ValueError, match="model.qaff.fusion"):
+    qaff.QAFFSettings(fusion="uniform", route_weight=1.0)
+  with pytest.raises(ValueError, match="model.qaff.route_over"):
+    qaff.QAFFSettings(route_over="cells")
+  with pytest.raises(ValueError, match="model.qaff.route_tau"):
+    qaff.QAFFSettings(route_tau=0.0)
+  assert qaff.QAFFSettings(fusion="attention", route_weight=1.0).route_weight == 1.0
+  np.testing.assert_array_equal(qaff.QAFFSettings(grid=2, scales=(0.5,)).feature_types(),
+                                [0, 1, 1, 1, 1, 2])

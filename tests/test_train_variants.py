@@ -21,6 +21,15 @@ VARIANTS = [
     *[("resnet_tiny", "qaff", "arcface", {"model.qaff.fusion": mode})
       for mode in ("uniform", "static", "concat", "global", "regional", "scale")],
     ("resnet_tiny", "qaff", "arcface", {"model.qaff.global_pool": "gem"}),
+    # QAFF fusion training: attention fusion, routing distillation, entropy,
+    # fusion learning-rate multiplier, per-feature / routed auxiliary losses
+    ("resnet_tiny", "qaff", "arcface", {
+        "model.qaff.fusion": "attention", "model.qaff.route_weight": 1.0,
+        "model.qaff.entropy_weight": 0.01, "model.qaff.fusion_lr_mult": 5.0,
+        "loss.aux_weight": 0.25, "loss.aux_mode": "routed"}),
+    ("resnet_tiny", "qaff", "curricularface", {
+        "model.qaff.route_weight": 1.0, "model.qaff.route_over": "types",
+        "loss.aux_weight": 0.25, "loss.aux_mode": "per_feature", "grad_accum": 2}),
     ("resnet50", "gem", "arcface", {}),  # the Bottleneck path at real width
     ("ultron_tiny", "gem", "arcface", {}),
     ("vit_tiny", "gem", "arcface", {}),

@@ -14,6 +14,12 @@ softmax weights w (sum 1) and returns
 Fusion modes (`fusion`), selectable by config alone:
   adaptive  w = softmax(MLP(F_global) / T); MLP D -> hidden -> 1+g^2+S, its
             last layer zero-initialised (training starts from uniform weights)
+  attention w = softmax(tau * <q, k_i> / sqrt(d_a) / T): the global descriptor
+            queries the 1+g^2+S feature tokens, q = Wq F_global + bq,
+            k_i = Wk F_i + e_i (e_i a learned embedding of feature i: its
+            type, cell or scale), tau = exp(learned log-temperature, init 0).
+            The bias bq lets a token score by its own content ("this cell
+            holds an object") as well as by its agreement with the global view.
   uniform   w = 1 / (1+g^2+S)
   static    w = softmax(l / T), l learned logits (no MLP; zero-initialised)
   concat    descriptor = normalize(Linear(concat_i F_i)) ((1+g^2+S)*D -> D);
@@ -62,8 +68,12 @@ from qaff_jax.models.heads import l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-FUSIONS = ("adaptive", "uniform", "static", "concat", "global", "regional",
-           "scale")
+FUSIONS = ("adaptive", "attention", "uniform", "static", "concat", "global",
+           "regional", "scale")
+# Fusions whose weights are trained (routing distillation and the entropy
+# term apply to these).
+LEARNED_FUSIONS = ("adaptive", "attention", "static")
+ROUTE_OVER = ("features", "types")
 GLOBAL_POOLS = ("scgem", "gem")
 PROJECTIONS = ("shared", "per_type")
 # Added to the logits of masked-out features (and, twice, to features outside
@@ -96,6 +106,17 @@ class QAFFSettings:
     hops: m, SC-GeM distance-encoding hops.
     heads: SC-GeM cross-attention heads (must divide the map channels).
     mlp_hidden: hidden units of the adaptive fusion MLP.
+    attn_dim: d_a, query/key size of the attention fusion.
+    route_weight: weight of the routing-distillation term
+      KL(softmax(-loss_i / route_tau) || w) (0 = off; `losses.routing_kl`).
+    route_tau: temperature of the routing target.
+    route_over: 'features' (each of the 1+g^2+S features is a candidate) or
+      'types' (global / regional / scale; the target mass of a type is
+      compared with the type's total weight).
+    entropy_weight: weight of the mean fusion-weight entropy added to the
+      loss (> 0 sharpens the weights, < 0 smooths them; 0 = off).
+    fusion_lr_mult: learning-rate multiplier of the fusion parameters
+      (`fusion_*` submodules).
   """
 
   grid: int = 3
@@ -109,6 +130,12 @@ class QAFFSettings:
   hops: int = 3
   heads: int = 8
   mlp_hidden: int = 256
+  attn_dim: int = 64
+  route_weight: float = 0.0
+  route_tau: float = 1.0
+  route_over: str = "features"
+  entropy_weight: float = 0.0
+  fusion_lr_mult: float = 1.0
 
   def __post_init__(self):
     """Raises ValueError naming `model.qaff.<field>` for a bad value."""
@@ -116,7 +143,7 @@ class QAFFSettings:
       return ValueError(f"model.qaff.{field}={getattr(self, field)!r}: {why}.")
 
     for field in ("grid", "num_tokens", "token_dim", "hops", "heads",
-                  "mlp_hidden"):
+                  "mlp_hidden", "attn_dim"):
       v = getattr(self, field)
       if not _is_int(v) or v <= 0:
         raise bad(field, "must be a positive int")
@@ -130,10 +157,25 @@ class QAFFSettings:
     if not _is_real(self.temperature) or float(self.temperature) <= 0:
       raise bad("temperature", "must be a positive number")
     object.__setattr__(self, "temperature", float(self.temperature))
+    for field in ("route_tau", "fusion_lr_mult"):
+      if not _is_real(getattr(self, field)) or float(getattr(self, field)) <= 0:
+        raise bad(field, "must be a positive number")
+      object.__setattr__(self, field, float(getattr(self, field)))
+    for field in ("route_weight", "entropy_weight"):
+      if not _is_real(getattr(self, field)):
+        raise bad(field, "must be a finite number")
+      object.__setattr__(self, field, float(getattr(self, field)))
+    if self.route_weight < 0:
+      raise bad("route_weight", "must be >= 0")
     for field, choices in (("fusion", FUSIONS), ("global_pool", GLOBAL_POOLS),
-                           ("projection", PROJECTIONS)):
+                           ("projection", PROJECTIONS),
+                           ("route_over", ROUTE_OVER)):
       if getattr(self, field) not in choices:
         raise bad(field, f"choose one of {list(choices)}")
+    if ((self.route_weight > 0 or self.entropy_weight != 0)
+        and self.fusion not in LEARNED_FUSIONS):
+      raise bad("fusion", "routing distillation / the entropy term train the "
+                f"fusion weights: choose one of {list(LEARNED_FUSIONS)}")
     if self.fusion == "scale" and not self.scales:
       raise bad("fusion", "needs at least one of model.qaff.scales")
 
@@ -141,6 +183,10 @@ class QAFFSettings:
   def num_features(self) -> int:
     """1 + g^2 + S."""
     return 1 + self.grid ** 2 + len(self.scales)
+
+  def feature_types(self) -> np.ndarray:
+    """[1+g^2+S] int: 0 global, 1 regional, 2 scale, per feature."""
+    return np.array([0] + [1] * self.grid ** 2 + [2] * len(self.scales))
 
 
 def settings_from_config(model_cfg: Mapping[str, Any]) -> QAFFSettings:
@@ -345,12 +391,16 @@ class QAFFHead(nnx.Module):
   `regional_pool` / `scale_pool` (their GeM p), `proj_global` and
   `proj_regional` + `proj_scale` ('per_type') or `proj_local` ('shared'),
   and per fusion mode `fusion_mlp_in` + `fusion_mlp_out` ('adaptive'),
+  `fusion_query` + `fusion_key` + `fusion_embed` + `fusion_log_temp`
+  ('attention'),
   `fusion_logits` ('static') or `concat_proj` ('concat').
 
   Output of `__call__` (all float32):
     descriptor       [B, D], unit norm
     fusion_weights   [B, 1+g^2+S], sum 1 (order: global, regional row-major,
                      scales in config order)
+    fusion_log_weights  their logarithm (log-softmax, for the routing loss)
+    fusion_valid     [B, 1+g^2+S] bool: the feature has a valid cell
     aux_descriptors  {"global": [B, D], "regional": [B, g^2, D],
                       "scale": [B, S, D]}, each unit norm; all three types are
                      computed in every mode, so consumers never special-case.
@@ -405,6 +455,12 @@ class QAFFHead(nnx.Module):
       self.fusion_mlp_in = linear(dim, cfg.mlp_hidden)
       self.fusion_mlp_out = linear(cfg.mlp_hidden, n,
                                    kernel_init=nnx.initializers.zeros_init())
+    elif cfg.fusion == "attention":
+      self.fusion_query = linear(dim, cfg.attn_dim)
+      self.fusion_key = linear(dim, cfg.attn_dim, use_bias=False)
+      self.fusion_embed = nnx.Param(nnx.initializers.normal(0.02)(
+          rngs.params(), (n, cfg.attn_dim), param_dtype))
+      self.fusion_log_temp = nnx.Param(jnp.zeros((), param_dtype))
     elif cfg.fusion == "static":
       self.fusion_logits = nnx.Param(jnp.zeros((n,), param_dtype))
     elif cfg.fusion == "concat":
@@ -443,13 +499,22 @@ class QAFFHead(nnx.Module):
       return kinds == cfg.fusion
     return np.ones(kinds.shape, bool)
 
-  def _logits(self, desc_global: jax.Array, batch: int) -> jax.Array:
+  def _logits(self, desc_global: jax.Array, feats: jax.Array,
+              batch: int) -> jax.Array:
     """Fusion logits / T, [B, 1+g^2+S] float32 (zeros for fixed modes)."""
     cfg = self.cfg
     n = cfg.num_features
     if cfg.fusion == "adaptive":
       hidden = jax.nn.gelu(self.fusion_mlp_in(desc_global))
       return self.fusion_mlp_out(hidden) / cfg.temperature
+    if cfg.fusion == "attention":
+      query = self.fusion_query(desc_global)                       # [B, d]
+      keys = (self.fusion_key(feats)
+              + self.fusion_embed[...].astype(jnp.float32))       # [B, n, d]
+      scale = (jnp.exp(self.fusion_log_temp[...].astype(jnp.float32))
+               / math.sqrt(cfg.attn_dim))
+      scores = jnp.einsum("bd,bnd->bn", query, keys, precision=_HIGHEST)
+      return scale * scores / cfg.temperature
     if cfg.fusion == "static":
       logits = self.fusion_logits[...].astype(jnp.float32) / cfg.temperature
       return jnp.broadcast_to(logits, (batch, n))
@@ -477,7 +542,9 @@ class QAFFHead(nnx.Module):
 
     penalty = (jnp.where(valid, 0.0, _MASKED)
                + jnp.where(self._type_mask(), 0.0, 2 * _MASKED))
-    weights = jax.nn.softmax(self._logits(desc_global, b) + penalty, axis=-1)
+    log_weights = jax.nn.log_softmax(
+        self._logits(desc_global, feats, b) + penalty, axis=-1)
+    weights = jnp.exp(log_weights)
     if cfg.fusion == "concat":
       flat = (feats * valid[..., None]).reshape(b, -1)
       descriptor = l2_normalize(self.concat_proj(flat))
@@ -487,6 +554,8 @@ class QAFFHead(nnx.Module):
     return {
         "descriptor": descriptor,
         "fusion_weights": weights,
+        "fusion_log_weights": log_weights,
+        "fusion_valid": valid,
         "aux_descriptors": {"global": desc_global, "regional": desc_regional,
                             "scale": desc_scale},
     }
