@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from qaff_jax import train_lib
-from qaff_jax.data import demo
+from qaff_jax.data import demo, revisited
 from qaff_jax.evaluation import fusion_stats
 from qaff_jax.viz import fusion
 from test_train import SMALL, tiny_config
@@ -91,6 +91,32 @@ def test_render_image_size_and_heat_colours():
     fusion.render_image(img, w[:12], 3, scales)
 
 
+def test_render_image_draws_the_object_box():
+  img = np.full((90, 120, 3), 128, np.uint8)
+  w = np.full(1 + 9 + 1, 1 / 11)
+  green = list(fusion.BOX_COLOR)
+  pic = np.asarray(fusion.render_image(img, w, 3, SCALES, display_side=None,
+                                       box=(0.25, 0.2, 0.75, 0.8)))
+  # Left / right edges at x = 30 / 90, top / bottom at y = 18 / 72.
+  assert pic[45, 30].tolist() == green and pic[45, 90].tolist() == green
+  assert pic[18, 60].tolist() == green and pic[72, 60].tolist() == green
+  assert pic[45, 60].tolist() != green and pic[5, 5].tolist() != green
+  plain = np.asarray(fusion.render_image(img, w, 3, SCALES, display_side=None))
+  nan = np.asarray(fusion.render_image(img, w, 3, SCALES, display_side=None,
+                                       box=[math.nan] * 4))
+  assert plain[45, 30].tolist() != green
+  np.testing.assert_array_equal(plain, nan)
+  # Gallery thumbnails carry the box too (and a NaN row draws none).
+  imgs = [img, img]
+  boxes = np.array([[0.0, 0.0, 1.0, 1.0], [math.nan] * 4])
+  gal = np.asarray(fusion.render_gallery(imgs, W[:2], 2, SCALES, n=2,
+                                         thumb=64, boxes=boxes))
+  assert (gal == green).all(axis=-1).any()
+  gal_plain = np.asarray(fusion.render_gallery(imgs, W[:2], 2, SCALES, n=2,
+                                               thumb=64))
+  assert not (gal_plain == green).all(axis=-1).any()
+
+
 def test_gallery_order_and_revisited_spec():
   g, r = fusion.gallery_indices(W, 2, 2)
   assert list(g) == [0, 3] and list(r) == [1, 3]
@@ -117,6 +143,22 @@ def test_cli_on_a_tiny_trained_qaff_run(tmp_path):
   workdir = str(tmp_path / "run")
   train_lib.train_and_evaluate(config, workdir)
 
+  # An object sidecar for the first database images: an object with a box,
+  # a scene, an object with the whole image as box; the 4th is not listed.
+  ds = revisited.RevisitedDataset(paths["test_root"], "demo")
+  entries = {}
+  for i, (kind, frac) in enumerate([("object", (0.0, 0.0, 0.5, 0.5)),
+                                    ("scene", None),
+                                    ("object", (0.0, 0.0, 1.0, 1.0))]):
+    with Image.open(ds.db_path(i)) as im:
+      width, height = im.size
+    box = None if frac is None else [frac[0] * width, frac[1] * height,
+                                     frac[2] * width, frac[3] * height]
+    entries[ds.imlist[i]] = {"kind": kind, "box": box, "width": width,
+                             "height": height}
+  with open(os.path.join(ds.data_dir, "objects.json"), "w") as f:
+    json.dump({"version": 1, "images": entries}, f)
+
   out = str(tmp_path / "viz")
   one_file = sorted(glob.glob(os.path.join(paths["image_dir"], "*.jpg")))[0]
   fusion.main(["--workdir", workdir, "--out", out, "--max_side", "64",
@@ -134,11 +176,26 @@ def test_cli_on_a_tiny_trained_qaff_run(tmp_path):
   assert summary["num_images"] == 5 and summary["num_features"] == 12
   assert summary["run"]["step"] == 2
   assert sum(summary["type_mean"].values()) == pytest.approx(1.0, abs=1e-5)
+  adapt = summary["adaptivity"]
+  assert adapt["num_box_images"] == 2
+  assert adapt["region_follow_chance"] == pytest.approx((4 / 9 + 1) / 2)
+  assert {k: v["count"] for k, v in adapt["by_kind"].items()} == {
+      "object": 2, "scene": 1, "unknown": 2}   # the 4th and the plain file
   with open(os.path.join(out, "fusion_weights.json")) as f:
     weights = json.load(f)
   ids = [e["id"] for e in weights["images"]]
   assert len(set(ids)) == 5 and all(f"{i}.png" in pngs for i in ids)
   for e in weights["images"]:
     assert sum(e["weights"]) == pytest.approx(1.0, abs=1e-5)
+  by_id = {e["id"]: e for e in weights["images"]}
+  first = by_id[ds.imlist[0]]
+  assert first["kind"] == "object"
+  assert first["box"] == pytest.approx([0.0, 0.0, 0.5, 0.5])
+  assert by_id[ds.imlist[1]]["box"] is None
+  assert by_id[ds.imlist[3]]["kind"] == "unknown"
+  with Image.open(os.path.join(out, f"{ds.imlist[0]}.png")) as im:
+    assert (np.asarray(im.convert("RGB")) == fusion.BOX_COLOR).all(-1).any()
   with open(os.path.join(out, "fusion_summary.md")) as f:
-    assert "| regional | 9 |" in f.read()
+    md = f.read()
+  assert "| regional | 9 |" in md and "### Adaptivity" in md
+  assert "chance" in md

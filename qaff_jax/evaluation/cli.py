@@ -252,6 +252,6 @@ def _run_checkpoint(req: Request, config):
                   "r1m": 0 if distractors is None else len(distractors)}
     if "fusion_weights" in db:
       from qaff_jax.evaluation import hook
-      info[name]["fusion"] = hook.fusion_summary(config, q, db)
+      info[name]["fusion"] = hook.fusion_summary(config, q, db, ds)
     _write_ranks(req.ranks_out, name, res.indices, len(names) > 1)
   return _finish(results, info, req, os.path.join(req.workdir, "eval"))

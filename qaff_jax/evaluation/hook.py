@@ -30,13 +30,23 @@ def extract_dataset(forward, ds: "revisited.RevisitedDataset", *, mesh, eval_cfg
           runner.cached_extract(None, ds.imlist, db_loaders, db_sizes, **kw))
 
 
-def fusion_summary(config, q: dict, db: dict) -> dict:
-  """QAFF fusion-weight statistics over the queries and database of a dataset."""
+def fusion_summary(config, q: dict, db: dict,
+                   ds: "revisited.RevisitedDataset | None" = None) -> dict:
+  """QAFF fusion-weight statistics over the queries then database of a dataset.
+
+  With `ds` whose folder holds `objects.json`, the summary gains the
+  `adaptivity` section (kinds for all images, object boxes for the database
+  only: queries are cropped to their gnd bbx; see
+  `fusion_stats.dataset_metadata`). Without a sidecar it is left out.
+  """
   from qaff_jax.evaluation import fusion_stats
   from qaff_jax.models import qaff
   settings = qaff.settings_from_config(config.model)
   weights = np.concatenate([q["fusion_weights"], db["fusion_weights"]])
-  return fusion_stats.fusion_summary(weights, settings.grid, settings.scales)
+  meta = None if ds is None else fusion_stats.dataset_metadata(ds)
+  kinds, boxes = meta if meta is not None else (None, None)
+  return fusion_stats.fusion_summary(weights, settings.grid, settings.scales,
+                                     kinds=kinds, boxes=boxes)
 
 
 def evaluate_descriptors(q: np.ndarray, db: np.ndarray, gnd) -> dict:
@@ -65,7 +75,7 @@ def evaluate_state(config, graphdef, state, mesh, workdir: str) -> dict:
     results[name]["extract_ms_per_image"] = 1e3 * extract_s / (ds.n_queries + ds.n_db)
     results[name]["descriptor_bytes"] = int(db["descriptor"].shape[1] * 4)
     if "fusion_weights" in db:
-      results[name]["fusion"] = fusion_summary(config, q, db)
+      results[name]["fusion"] = fusion_summary(config, q, db, ds)
     logging.info("%s: mAP E/M/H %.2f / %.2f / %.2f", name, 100 * results[name]["mAP_E"],
                  100 * results[name]["mAP_M"], 100 * results[name]["mAP_H"])
   if jax.process_index() == 0:

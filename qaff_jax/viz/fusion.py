@@ -21,6 +21,14 @@ config order). Written to `--out`:
   fusion_summary.md     the same as Markdown
   fusion_weights.json   the weights of every image
 
+When a revisited dataset's folder holds the object sidecar `objects.json`
+(`evaluation.fusion_stats.load_objects_sidecar`), its images' object boxes
+are drawn (green outline) on their pictures and gallery thumbnails, their
+kind is added to the picture title, and the summary gains its `adaptivity`
+section (region follow with chance levels, weights by kind, scale-size
+correlation) over all the images shown; `fusion_weights.json` then also
+holds each image's kind and normalised box. Plain files count as 'unknown'.
+
 A regional cell (r, c) of the g x g grid covers image rows
 floor(r H / g) .. ceil((r+1) H / g) and likewise columns: the fractions the
 head uses on the feature map.
@@ -59,6 +67,7 @@ _BACKGROUND = (250, 250, 250)
 _TEXT = (20, 20, 20)
 _TYPE_COLORS = {"global": (70, 110, 200), "regional": (220, 90, 40),
                 "scale": (60, 160, 90)}
+BOX_COLOR = (0, 255, 0)  # object box outline (no heat colour is green)
 
 
 # ------------------------------------------------------------------ drawing
@@ -168,6 +177,23 @@ def overlay_regions(img: ImageLike, regional: np.ndarray, *,
   return result
 
 
+def draw_box(img: Image.Image, box: Sequence[float] | None,
+             color: tuple[int, int, int] = BOX_COLOR) -> Image.Image:
+  """Outlines a normalised box (x0, y0, x1, y1 in [0, 1] of the image) on
+  `img` in place and returns it; None or a NaN box draws nothing."""
+  if box is None:
+    return img
+  b = np.clip(np.asarray(box, np.float64).reshape(-1), 0.0, 1.0)
+  if b.size != 4 or not np.all(np.isfinite(b)):
+    return img
+  w, h = img.size
+  x0, x1 = (int(round(v)) for v in np.clip(b[[0, 2]] * w, 0, w - 1))
+  y0, y1 = (int(round(v)) for v in np.clip(b[[1, 3]] * h, 0, h - 1))
+  width = max(2, round(max(w, h) / 150))
+  ImageDraw.Draw(img).rectangle([x0, y0, x1, y1], outline=color, width=width)
+  return img
+
+
 def _bar(draw: ImageDraw.ImageDraw, x: int, y: int, width: int, height: int,
          value: float, color: tuple[int, int, int]) -> None:
   draw.rectangle([x, y, x + width - 1, y + height - 1], fill=(225, 225, 225))
@@ -202,7 +228,8 @@ def strip_height(grid: int, scales: Sequence[float], title: bool) -> int:
 
 def render_image(img: ImageLike, weights: np.ndarray, grid: int,
                  scales: Sequence[float], *, title: str | None = None,
-                 display_side: int | None = DISPLAY_SIDE) -> Image.Image:
+                 display_side: int | None = DISPLAY_SIDE,
+                 box: Sequence[float] | None = None) -> Image.Image:
   """One image's fusion weights as a picture.
 
   Args:
@@ -212,6 +239,9 @@ def render_image(img: ImageLike, weights: np.ndarray, grid: int,
     grid: g; scales: the S factors (labels).
     title: text above the bars (e.g. the image id).
     display_side: the image is resized to this long side (None: as is).
+    box: optional object box, normalised (x0, y0, x1, y1) in [0, 1] of the
+      image, drawn as a BOX_COLOR outline over the overlay (None or NaN:
+      none).
 
   Returns:
     An RGB image of width W' + STRIP_WIDTH and height
@@ -219,7 +249,8 @@ def render_image(img: ImageLike, weights: np.ndarray, grid: int,
     with the regional heat overlay on the left, bars on the right.
   """
   _, regional, _ = _split(weights, grid, scales)
-  shown = overlay_regions(_fit(_as_pil(img), display_side), regional)
+  shown = draw_box(overlay_regions(_fit(_as_pil(img), display_side),
+                                   regional), box)
   height = max(shown.height, strip_height(grid, scales, title is not None))
   canvas = Image.new("RGB", (shown.width + STRIP_WIDTH, height), _BACKGROUND)
   canvas.paste(shown, (0, 0))
@@ -268,7 +299,8 @@ def _load(source: ImageSource) -> ImageLike:
 def render_gallery(images: Sequence[ImageSource], weights: np.ndarray,
                    grid: int, scales: Sequence[float], *,
                    ids: Sequence[str] | None = None, n: int = 8,
-                   thumb: int = THUMB) -> Image.Image:
+                   thumb: int = THUMB,
+                   boxes: np.ndarray | None = None) -> Image.Image:
   """Two rows of thumbnails: the `n` most global-leaning images (highest
   global weight), then the `n` most region-leaning (highest regional total).
 
@@ -280,6 +312,8 @@ def render_gallery(images: Sequence[ImageSource], weights: np.ndarray,
     ids: captions (default: the indices).
     n: thumbnails per row.
     thumb: side of the square box each thumbnail fits in.
+    boxes: optional [N, 4] normalised object boxes (NaN rows: none), drawn
+      on the thumbnails.
 
   Returns:
     The gallery; each thumbnail carries the regional heat overlay and a
@@ -313,7 +347,9 @@ def render_gallery(images: Sequence[ImageSource], weights: np.ndarray,
       if i not in cache:
         _, regional, _ = _split(weights[i], grid, scales)
         tile = _fit(_as_pil(_load(images[i])), thumb)
-        cache[i] = overlay_regions(tile, regional, numbers=thumb >= 120)
+        cache[i] = draw_box(
+            overlay_regions(tile, regional, numbers=thumb >= 120),
+            None if boxes is None else boxes[i])
       tile = cache[i]
       x = gap + col * (thumb + gap)
       canvas.paste(tile, (x + (thumb - tile.width) // 2, y))
@@ -377,16 +413,25 @@ def _files(spec: str) -> list[str]:
                           "match")
 
 
-def resolve_images(image_specs: Sequence[str]
-                   ) -> tuple[list[str], list[str], list[Callable[[], np.ndarray]],
-                              list[tuple[int, int]]]:
+def resolve_images(image_specs: Sequence[str], *, metadata: bool = False
+                   ) -> tuple[Any, ...]:
   """Image specs -> (ids, source paths, loaders, (height, width) sizes).
 
   Every file is checked up front; one error lists all unreadable ones.
+  With `metadata`, a fifth element: None when no revisited dataset among the
+  specs has an `objects.json` sidecar, else (kinds, boxes [N, 4]) as
+  `fusion_stats.metadata_for` gives them for the database images ('unknown'
+  and NaN for plain files and images the sidecar does not list).
+
+  Raises:
+    ValueError: a malformed sidecar (names the file and entry).
   """
   from qaff_jax.data import revisited
   from qaff_jax.evaluation import runner
   ids, paths, loaders, sizes = [], [], [], []
+  kinds: list[str] = []
+  boxes: list[np.ndarray] = []
+  any_sidecar = False
   plain: list[str] = []
 
   def flush():
@@ -398,6 +443,8 @@ def resolve_images(image_specs: Sequence[str]
     paths.extend(plain)
     loaders.extend(ld)
     sizes.extend(sz)
+    kinds.extend([fusion_stats.UNKNOWN_KIND] * len(plain))
+    boxes.append(np.full((len(plain), 4), np.nan))
     plain.clear()
 
   for spec in image_specs:
@@ -411,13 +458,40 @@ def resolve_images(image_specs: Sequence[str]
       ids.extend(ds.imlist[:n])
       paths.extend(db)
       loaders.extend(lambda i=i, ds=ds: ds.load_db(i) for i in range(n))
-      sizes.extend(runner.image_size(p) for p in db)
+      db_sizes = [runner.image_size(p) for p in db]
+      sizes.extend(db_sizes)
+      sidecar = fusion_stats.load_objects_sidecar(
+          os.path.join(ds.data_dir, fusion_stats.SIDECAR_NAME))
+      any_sidecar |= sidecar is not None
+      k, b = fusion_stats.metadata_for(ds.imlist[:n], sidecar, use_boxes=True)
+      kinds.extend(k)
+      boxes.append(b)
+      _warn_size_mismatch(ds.data_dir, ds.imlist[:n], db_sizes, sidecar)
     else:
       plain.extend(_files(spec))
   flush()
   if not ids:
     raise ValueError("--images selected no images")
-  return _unique(ids), paths, loaders, sizes
+  out = (_unique(ids), paths, loaders, sizes)
+  if metadata:
+    out += ((kinds, np.concatenate(boxes)) if any_sidecar else None,)
+  return out
+
+
+def _warn_size_mismatch(data_dir: str, ids: Sequence[str],
+                        sizes: Sequence[tuple[int, int]],
+                        sidecar: dict[str, Any] | None) -> None:
+  """Logs images whose size differs from the sidecar's (its boxes are in
+  pixels of the image it describes)."""
+  if sidecar is None:
+    return
+  bad = [i for i, (h, w) in zip(ids, sizes)
+         if i in sidecar["images"] and (sidecar["images"][i]["width"],
+                                        sidecar["images"][i]["height"]) != (w, h)]
+  if bad:
+    logging.warning("%s: %d images differ in size from %s (e.g. %s); their "
+                    "boxes may be off", data_dir, len(bad),
+                    fusion_stats.SIDECAR_NAME, bad[0])
 
 
 # ---------------------------------------------------------------------- run
@@ -479,11 +553,14 @@ def run(workdir: str, image_specs: Sequence[str], out: str, *,
      "summary_json", "summary_md", "weights_json": paths, "step"}.
   """
   import jax
-  ids, paths, loaders, sizes = resolve_images(image_specs)
+  ids, paths, loaders, sizes, meta = resolve_images(image_specs,
+                                                    metadata=True)
   weights, grid, scales, step = predict_weights(
       workdir, loaders, sizes, max_side=max_side, batch_size=batch_size,
       step=step)
-  summary = fusion_stats.fusion_summary(weights, grid, scales)
+  kinds, boxes = meta if meta is not None else (None, None)
+  summary = fusion_stats.fusion_summary(weights, grid, scales, kinds=kinds,
+                                        boxes=boxes)
   result: dict[str, Any] = {"summary": summary, "images": {}, "step": step,
                             "gallery": None}
   if jax.process_index() != 0:
@@ -491,14 +568,18 @@ def run(workdir: str, image_specs: Sequence[str], out: str, *,
   os.makedirs(out, exist_ok=True)
   for i, image_id in enumerate(ids):
     png = os.path.join(out, f"{image_id}.png")
-    render_image(loaders[i](), weights[i], grid, scales, title=image_id,
-                 display_side=display_side).save(png)
+    title = image_id
+    if kinds is not None and kinds[i] != fusion_stats.UNKNOWN_KIND:
+      title = f"{image_id} ({kinds[i]})"
+    render_image(loaders[i](), weights[i], grid, scales, title=title,
+                 display_side=display_side,
+                 box=None if boxes is None else boxes[i]).save(png)
     result["images"][image_id] = png
   logging.info("wrote %d pictures to %s", len(ids), out)
   if gallery > 0:
     result["gallery"] = os.path.join(out, "gallery.png")
-    render_gallery(loaders, weights, grid, scales, ids=ids,
-                   n=gallery).save(result["gallery"])
+    render_gallery(loaders, weights, grid, scales, ids=ids, n=gallery,
+                   boxes=boxes).save(result["gallery"])
   info = {"workdir": os.path.abspath(workdir), "step": step,
           "max_side": max_side, "extraction_scales": [1.0]}
   result["summary_json"] = os.path.join(out, "fusion_summary.json")
@@ -508,11 +589,15 @@ def run(workdir: str, image_specs: Sequence[str], out: str, *,
     f.write(f"# QAFF fusion weights\n\nRun `{info['workdir']}`, step {step}."
             f"\n\n{fusion_stats.format_fusion_summary(summary)}")
   result["weights_json"] = os.path.join(out, "fusion_weights.json")
-  _write_json(result["weights_json"], {
-      "labels": summary["labels"],
-      "images": [{"id": image_id, "path": os.path.abspath(p),
-                  "weights": [float(v) for v in w]}
-                 for image_id, p, w in zip(ids, paths, weights)]})
+  entries = [{"id": image_id, "path": os.path.abspath(p),
+              "weights": [float(v) for v in w]}
+             for image_id, p, w in zip(ids, paths, weights)]
+  if meta is not None:
+    for e, kind, box in zip(entries, kinds, boxes):
+      e["kind"] = kind
+      e["box"] = None if np.isnan(box).any() else [float(v) for v in box]
+  _write_json(result["weights_json"], {"labels": summary["labels"],
+                                       "images": entries})
   return result
 
 
