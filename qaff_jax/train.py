@@ -38,7 +38,7 @@ def main(argv):
   parallel.maybe_initialize_distributed()
   config = _CONFIG.value
   if config.get("demo_root"):
-    demo.ensure_demo_data(config.demo_root)
+    demo.ensure_demo_data(config.demo_root, demo.spec_for(config.get("demo_layout", "landmarks")))
   result = train_lib.train_and_evaluate(config, _WORKDIR.value, init_from=_INIT_FROM.value)
   if "eval" in result:
     print(report.markdown_table(result["eval"]))

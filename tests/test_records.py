@@ -103,6 +103,42 @@ def test_parse_rejects_garbage_and_missing_features():
     records.parse_gldv2_example(ex.SerializeToString())
 
 
+def test_object_boxes_roundtrip_and_default_bytes():
+  enc = _jpeg(24, 40, seed=5)
+  plain = records.make_gldv2_example(enc, 3, "id", 24, 40)
+  assert records.make_gldv2_example(enc, 3, "id", 24, 40, boxes=None) == plain
+  assert records.parse_object_boxes(plain).shape == (0, 4)
+  assert records.parse_object_boxes(plain).dtype == np.float32
+  boxes = [[0.1, 0.2, 0.35, 0.6], [0.0, 0.0, 1.0, 1.0]]
+  raw = records.make_gldv2_example(enc, 3, "id", 24, 40, boxes=boxes)
+  got = records.parse_object_boxes(raw)
+  assert got.dtype == np.float32 and got.shape == (2, 4)
+  np.testing.assert_array_equal(got, np.float32(boxes))
+  # The TF Object Detection features, and the GLDv2 reader ignores them.
+  feat = records.Example.FromString(raw).features.feature
+  assert list(feat["image/object/bbox/xmin"].float_list.value) == list(np.float32([0.1, 0.0]))
+  assert list(feat["image/object/bbox/ymax"].float_list.value) == list(np.float32([0.6, 1.0]))
+  assert records.parse_gldv2_example(raw) == records.parse_gldv2_example(plain)
+  assert records.parse_object_boxes(
+      records.make_gldv2_example(enc, 3, "id", 24, 40, boxes=np.zeros((0, 4)))).shape == (0, 4)
+
+
+def test_object_boxes_rejected():
+  enc = _jpeg(8, 8)
+  for boxes, pattern in [([[0.1, 0.2, 0.3]], r"\[n, 4\]"), ([[0.1, 0.2, 1.5, 0.4]], r"\[0, 1\]"),
+                         ([[0.5, 0.2, 0.3, 0.4]], "xmin <= xmax"),
+                         ([[0.1, float("nan"), 0.3, 0.4]], r"\[0, 1\]")]:
+    with pytest.raises(ValueError, match=pattern):
+      records.make_gldv2_example(enc, 0, "id", 8, 8, boxes=boxes)
+  ex = records.Example()
+  ex.features.feature["image/object/bbox/xmin"].float_list.value.extend([0.1, 0.2])
+  ex.features.feature["image/object/bbox/xmax"].float_list.value.append(0.3)
+  with pytest.raises(ValueError, match="unequal lengths"):
+    records.parse_object_boxes(ex.SerializeToString())
+  with pytest.raises(ValueError, match="not a tf.train.Example"):
+    records.parse_object_boxes(b"\xff\xfe garbage")
+
+
 # --------------------------------------------------------------------------
 # Corrupt files.
 

@@ -6,6 +6,9 @@ with masked_crc(x) = ((crc >> 15) | (crc << 17)) + 0xa282ead8 (mod 2**32).
 
 The `tf.train.Example` protobuf comes from tensorflow-datasets' TensorFlow-free copy.
 GLDv2 records follow the DELF `build_image_dataset.py` layout (see SPEC.md).
+Optional object boxes use the TF Object Detection API features
+`image/object/bbox/{xmin,ymin,xmax,ymax}` (float lists, normalised to [0, 1]
+by the image width / height); readers that do not know them ignore them.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import google_crc32c
+import numpy as np
 from tensorflow_datasets.core.example_parser import tf_example_pb2
 
 Example = tf_example_pb2.Example
@@ -146,11 +150,39 @@ def _int(feature, value: int):
   feature.int64_list.value.append(int(value))
 
 
+BOX_KEYS = ("image/object/bbox/xmin", "image/object/bbox/ymin",
+            "image/object/bbox/xmax", "image/object/bbox/ymax")
+
+
+def _check_boxes(boxes: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+  arr = np.asarray(boxes, np.float64)
+  if arr.size == 0:
+    return arr.reshape(0, 4)
+  if arr.ndim != 2 or arr.shape[1] != 4:
+    raise ValueError(f"boxes must be [n, 4] (xmin, ymin, xmax, ymax), got shape {arr.shape}")
+  if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
+    raise ValueError(f"boxes must be normalised to [0, 1], got {arr.tolist()}")
+  if (arr[:, 2] < arr[:, 0]).any() or (arr[:, 3] < arr[:, 1]).any():
+    raise ValueError(f"boxes need xmin <= xmax and ymin <= ymax, got {arr.tolist()}")
+  return arr
+
+
 def make_gldv2_example(encoded: bytes, label: int, image_id: str,
                        height: int, width: int, channels: int = 3,
                        image_format: str = "JPEG",
-                       colorspace: str = "RGB") -> bytes:
-  """Serialises one image the way DELF's `build_image_dataset.py` does."""
+                       colorspace: str = "RGB", *,
+                       boxes: Sequence[Sequence[float]] | np.ndarray | None = None) -> bytes:
+  """Serialises one image the way DELF's `build_image_dataset.py` does.
+
+  Args:
+    boxes: optional object boxes, [n, 4] (xmin, ymin, xmax, ymax) normalised
+      to [0, 1] by the width / height, written as the TF Object Detection
+      features `image/object/bbox/*` (float32). None (the default) writes no
+      box features: the same bytes as without the argument.
+
+  Raises:
+    ValueError: malformed boxes.
+  """
   ex = Example()
   feat = ex.features.feature
   _int(feat["image/height"], height)
@@ -161,7 +193,36 @@ def make_gldv2_example(encoded: bytes, label: int, image_id: str,
   _bytes(feat["image/id"], image_id.encode())
   _bytes(feat["image/encoded"], encoded)
   _int(feat["image/class/label"], label)
+  if boxes is not None:
+    arr = _check_boxes(boxes)
+    for column, key in enumerate(BOX_KEYS):
+      feat[key].float_list.value.extend(float(v) for v in arr[:, column])
   return ex.SerializeToString(deterministic=True)  # map order fixed: same bytes every run
+
+
+def parse_object_boxes(raw: bytes) -> np.ndarray:
+  """The object boxes of a serialised Example (see `make_gldv2_example`).
+
+  Returns:
+    float32 [n, 4] (xmin, ymin, xmax, ymax) normalised; [0, 4] when the
+    record has no box features.
+
+  Raises:
+    ValueError: not an Example, or box features of unequal lengths.
+  """
+  try:
+    ex = Example.FromString(raw)
+  except Exception as e:  # protobuf's DecodeError and friends
+    raise ValueError(f"not a tf.train.Example ({type(e).__name__}: {e})") from None
+  feat = ex.features.feature
+  columns = [list(feat[k].float_list.value) if k in feat else [] for k in BOX_KEYS]
+  lengths = {len(c) for c in columns}
+  if len(lengths) != 1:
+    raise ValueError("object box features have unequal lengths: " + ", ".join(
+        f"{k}={len(c)}" for k, c in zip(BOX_KEYS, columns)))
+  if not columns[0]:
+    return np.zeros((0, 4), np.float32)
+  return np.stack([np.asarray(c, np.float32) for c in columns], axis=1)
 
 
 def parse_gldv2_example(raw: bytes) -> ImageRecord:
