@@ -72,7 +72,22 @@ def get_config(arg=None):
     c.eval.data_root = "demo_data_mixed/test"
     c.eval.datasets = "mixed"
     c.eval.max_side = 192
+    # One extraction scale and 96 px shape buckets: extraction is compile-bound
+    # on CPU, and the comparison runs 30 trainings (padding is mask-exact, so
+    # the bucket size does not change a descriptor).
+    c.eval.scales = (1.0,)
+    c.eval.bucket = 96
     c.num_epochs = 12.0
+    # QAFF's fusion recipe here: attention fusion, routing distillation
+    # (tau 0.5), fusion parameters at 10x the learning rate, and an ArcFace
+    # loss on every feature (each cell learns to classify, so the routing
+    # target has something to compare). See README "QAFF on demo-mixed".
+    c.model.qaff.fusion = "attention"
+    c.model.qaff.route_weight = 1.0
+    c.model.qaff.route_tau = 0.5
+    c.model.qaff.fusion_lr_mult = 10.0
+    c.loss.aux_mode = "per_feature"
+    c.loss.aux_weight = 1.0
   if arg.quick:
     c.total_steps = 4
     c.batch_size = 16

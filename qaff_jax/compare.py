@@ -40,8 +40,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "adaptive MLP (gradient only)": {
         "model.head": "qaff", "model.qaff.fusion": "adaptive", "model.qaff.route_weight": 0.0,
         "model.qaff.entropy_weight": 0.0, "model.qaff.fusion_lr_mult": 1.0,
-        "loss.aux_mode": "type_mean"},
-    "learned static weights": {"model.head": "qaff", "model.qaff.fusion": "static"},
+        "loss.aux_mode": "type_mean", "loss.aux_weight": 0.25},
+    "learned static weights": {"model.head": "qaff", "model.qaff.fusion": "static",
+                               "model.qaff.route_weight": 0.0},
     "uniform weights": {"model.head": "qaff", "model.qaff.fusion": "uniform"},
     "concatenation": {"model.head": "qaff", "model.qaff.fusion": "concat"},
     "global only (SC-GeM)": {"model.head": "qaff", "model.qaff.fusion": "global"},
