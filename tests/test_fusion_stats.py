@@ -41,6 +41,8 @@ def test_region_follow_hand_computed():
   assert r["chance"] == pytest.approx((1 + 4 + 4 + 1) / 9 / 4)
   assert r["region_follow_center"] == pytest.approx(0.5)
   assert r["center_chance"] == pytest.approx(1 / 9)
+  # The centre cell overlaps 3 of the 4 boxes: the best one-cell-for-all rate.
+  assert r["best_fixed"] == pytest.approx(0.75) and r["best_fixed_cell"] == 4
   cells = fs.box_cells(BOXES, 3)
   assert np.flatnonzero(cells[2]).tolist() == [1, 2, 4, 5]
   assert np.flatnonzero(cells[3]).tolist() == [0]
@@ -158,7 +160,7 @@ def test_fusion_summary_with_and_without_metadata():
   json.dumps(s)
   md = fs.format_fusion_summary(s)
   assert "### Adaptivity" in md
-  assert "overlaps the box in 50.0% (chance 27.8%)" in md
+  assert "overlaps the box in 50.0% (chance 27.8%; the best single cell" in md
   assert "(chance 11.1%)" in md
   assert "| scene | 1 |" in md and "log-scale centroid" in md
 
