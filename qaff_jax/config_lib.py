@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
       grid=3, scales=(0.5, 0.75, 1.5), fusion="adaptive", temperature=1.0,
       global_pool="scgem", projection="per_type", num_tokens=16, token_dim=128,
       hops=3, heads=8, mlp_hidden=256, attn_dim=64, route_weight=0.0, route_tau=1.0,
-      route_over="features", entropy_weight=0.0, fusion_lr_mult=1.0))
+      route_over="features", route_signal="loss", entropy_weight=0.0, fusion_lr_mult=1.0))
   # Baseline heads 'dolg' and 'superglobal' (models.baselines.BaselineSettings);
   # local_in_features None = half the map's channels (an int may override it).
   c.model.baseline = ml_collections.ConfigDict(dict(

@@ -176,9 +176,36 @@ def type_log_weights(log_weights, types):
                     for g in groups], axis=-1)
 
 
+ROUTE_SIGNALS = ("loss", "distinct")
+
+
+def background_similarity(feats, labels, valid=None):
+  """Per feature, its largest cosine to any feature of an other-class batch-mate.
+
+  Args:
+    feats: [B, K, D] unit-norm features (gradients stopped here).
+    labels: [B] class ids.
+    valid: optional [B, K] bool; invalid features are never matched.
+  Returns:
+    [B, K] float32 in [-1, 1] (-1 when no other-class batch-mate exists).
+    Clutter shared across classes (a background seen behind many objects)
+    finds a close match in another class; what identifies the class does not.
+  """
+  f = jax.lax.stop_gradient(feats).astype(jnp.float32)
+  b, k, _ = f.shape
+  sim = jnp.einsum("bkd,cjd->bkcj", f, f)                       # [B, K, B, K]
+  other = labels[:, None] != labels[None, :]                     # [B, B]
+  ok = other[:, None, :, None]
+  if valid is not None:
+    ok = ok & valid[None, None, :, :]
+  sim = jnp.where(ok, sim, -1.0)
+  return jax.lax.stop_gradient(jnp.max(sim.reshape(b, k, b * k), axis=-1))
+
+
 def fusion_terms(out: dict, per_example_loss, *, types, route_over: str = "features",
                  route_tau: float = 1.0, aux_mode: str = "type_mean",
-                 need_route: bool = True) -> dict:
+                 need_route: bool = True, route_signal: str = "loss",
+                 labels=None) -> dict:
   """Auxiliary, routing and entropy terms of a fusion head's output.
 
   Args:
@@ -196,6 +223,10 @@ def fusion_terms(out: dict, per_example_loss, *, types, route_over: str = "featu
       (each example's feature losses weighted by its routing target: every
       feature learns from the examples it is the best candidate for).
     need_route: compute the routing KL (else 0).
+    route_signal: 'loss' (candidates scored by their margin loss) or
+      'distinct' (features scored by `background_similarity`: the target is
+      softmax(-sim / tau), mass on what no other class shares; features only).
+    labels: [B] class ids ('distinct' only).
   Returns:
     {"aux": scalar, "route": scalar KL (mean over the batch),
      "entropy": scalar mean entropy of the weights, "target_max": mean of the
@@ -203,6 +234,9 @@ def fusion_terms(out: dict, per_example_loss, *, types, route_over: str = "featu
   """
   if aux_mode not in AUX_MODES:
     raise ValueError(f"config.loss.aux_mode={aux_mode!r}; choose one of {AUX_MODES}")
+  if route_signal not in ROUTE_SIGNALS:
+    raise ValueError(f"model.qaff.route_signal={route_signal!r}; choose one of "
+                     f"{ROUTE_SIGNALS}")
   aux = out["aux_descriptors"]
   log_w = out["fusion_log_weights"].astype(jnp.float32)
   valid = out["fusion_valid"]
@@ -224,6 +258,8 @@ def fusion_terms(out: dict, per_example_loss, *, types, route_over: str = "featu
 
   if route_over == "features":
     cand_loss, cand_log_w, cand_valid = feat_loss, log_w, valid
+    if route_signal == "distinct":
+      cand_loss = background_similarity(feats, labels, valid)
   else:
     type_valid = jnp.stack([jnp.any(jnp.where(jnp.asarray(types) == t, valid, False), -1)
                             for t in type_ids], axis=-1)

@@ -241,7 +241,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
       terms = losses.fusion_terms(
           out, per_example, types=fusion.feature_types(), route_over=fusion.route_over,
           route_tau=fusion.route_tau, aux_mode=config.loss.aux_mode,
-          need_route=fusion.route_weight > 0)
+          need_route=fusion.route_weight > 0, route_signal=fusion.route_signal,
+          labels=labels)
       loss = (loss + config.loss.aux_weight * terms["aux"]
               + fusion.route_weight * terms["route"]
               + fusion.entropy_weight * terms["entropy"])

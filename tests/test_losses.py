@@ -171,3 +171,33 @@ def test_fusion_terms_route_aux_and_entropy_hand_worked():
   assert float(terms["route"]) == pytest.approx(float(want), rel=1e-5)
   with pytest.raises(ValueError, match="config.loss.aux_mode"):
     losses.fusion_terms(out, first, types=types, aux_mode="mean")
+
+
+def test_background_similarity_hand_worked():
+  # Two classes; example 0's cell 1 equals a cell of the other class (shared
+  # background), its cell 0 matches nothing there.
+  e = np.eye(3, dtype=np.float32)
+  feats = jnp.asarray(np.stack([[e[0], e[1]], [e[1], e[2]], [e[0], e[2]]]))
+  labels = jnp.array([0, 1, 0])
+  sim = np.asarray(losses.background_similarity(feats, labels))
+  # Example 0 (class 0) vs example 1 (class 1): e0 -> max(0, 0) = 0, e1 -> 1.
+  # Example 2 (class 0) vs example 1: e0 -> 0, e2 -> 1. Example 1 vs 0 and 2.
+  np.testing.assert_allclose(sim, [[0, 1], [1, 1], [0, 1]], atol=1e-6)
+  # With example 1's second feature invalid, example 2's e2 finds no match.
+  valid = jnp.array([[True, True], [True, False], [True, True]])
+  sim = np.asarray(losses.background_similarity(feats, labels, valid))
+  np.testing.assert_allclose(sim[2], [0, 0], atol=1e-6)
+  # A batch of one class has no other-class mate: -1 everywhere.
+  assert (np.asarray(losses.background_similarity(feats, jnp.zeros(3, int))) == -1).all()
+  # In fusion_terms the target puts mass on the distinctive feature.
+  out = {"aux_descriptors": {"global": feats[:, 0], "regional": feats[:, 1:],
+                             "scale": jnp.zeros((3, 0, 3))},
+         "fusion_log_weights": jnp.log(jnp.full((3, 2), 0.5)),
+         "fusion_valid": jnp.ones((3, 2), bool)}
+  terms = losses.fusion_terms(out, lambda emb, r: jnp.zeros(emb.shape[0]), types=[0, 1],
+                              route_tau=0.1, aux_mode="per_feature", route_signal="distinct",
+                              labels=labels)
+  t0 = 1 / (1 + math.exp(-10))
+  want = np.mean([t0 * math.log(2 * t0) + (1 - t0) * math.log(2 * (1 - t0)), 0.0,
+                  t0 * math.log(2 * t0) + (1 - t0) * math.log(2 * (1 - t0))])
+  assert float(terms["route"]) == pytest.approx(want, rel=1e-5)

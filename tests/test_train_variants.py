@@ -27,6 +27,10 @@ VARIANTS = [
         "model.qaff.fusion": "attention", "model.qaff.route_weight": 1.0,
         "model.qaff.entropy_weight": 0.01, "model.qaff.fusion_lr_mult": 5.0,
         "loss.aux_weight": 0.25, "loss.aux_mode": "routed"}),
+    ("resnet_tiny", "qaff", "arcface", {
+        "model.qaff.fusion": "attention", "model.qaff.route_weight": 1.0,
+        "model.qaff.route_signal": "distinct", "model.qaff.route_tau": 0.05,
+        "loss.aux_weight": 1.0, "loss.aux_mode": "per_feature"}),
     ("resnet_tiny", "qaff", "curricularface", {
         "model.qaff.route_weight": 1.0, "model.qaff.route_over": "types",
         "loss.aux_weight": 0.25, "loss.aux_mode": "per_feature", "grad_accum": 2}),

@@ -113,6 +113,10 @@ class QAFFSettings:
     route_over: 'features' (each of the 1+g^2+S features is a candidate) or
       'types' (global / regional / scale; the target mass of a type is
       compared with the type's total weight).
+    route_signal: what scores a candidate for the routing target: 'loss'
+      (its margin loss) or 'distinct' (its largest cosine to an other-class
+      batch-mate's features: clutter shared across classes scores high;
+      route_over='features' only; `losses.background_similarity`).
     entropy_weight: weight of the mean fusion-weight entropy added to the
       loss (> 0 sharpens the weights, < 0 smooths them; 0 = off).
     fusion_lr_mult: learning-rate multiplier of the fusion parameters
@@ -134,6 +138,7 @@ class QAFFSettings:
   route_weight: float = 0.0
   route_tau: float = 1.0
   route_over: str = "features"
+  route_signal: str = "loss"
   entropy_weight: float = 0.0
   fusion_lr_mult: float = 1.0
 
@@ -169,9 +174,13 @@ class QAFFSettings:
       raise bad("route_weight", "must be >= 0")
     for field, choices in (("fusion", FUSIONS), ("global_pool", GLOBAL_POOLS),
                            ("projection", PROJECTIONS),
-                           ("route_over", ROUTE_OVER)):
+                           ("route_over", ROUTE_OVER),
+                           ("route_signal", ("loss", "distinct"))):
       if getattr(self, field) not in choices:
         raise bad(field, f"choose one of {list(choices)}")
+    if self.route_signal == "distinct" and self.route_over != "features":
+      raise bad("route_signal", "'distinct' scores single features: needs "
+                "model.qaff.route_over='features'")
     if ((self.route_weight > 0 or self.entropy_weight != 0)
         and self.fusion not in LEARNED_FUSIONS):
       raise bad("fusion", "routing distillation / the entropy term train the "
