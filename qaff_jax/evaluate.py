@@ -74,7 +74,14 @@ def main(argv):
       ranks=_RANKS.value, gnd=_GND.value, ranks_out=_RANKS_OUT.value,
       skip_missing=_SKIP_MISSING.value, out=_OUT.value, scann_dir=_SCANN_DIR.value,
       gldv2_solution=_GLDV2.value, query_ids=_QUERY_IDS.value, db_ids=_DB_IDS.value)
-  results, info, report_dir = cli.run(request, config)
+  try:
+    results, info, report_dir = cli.run(request, config)
+  except (ValueError, FileNotFoundError) as err:
+    # Bad inputs (unreadable or refused files, wrong shapes): the message
+    # names the file; a traceback would only bury it (--verbosity=1 logs it).
+    logging.debug("evaluation failed", exc_info=True)
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
   if _JSON.value:
     flat = {name: runner.flat_metrics(r) for name, r in results.items()}
     payload = next(iter(flat.values())) if len(flat) == 1 else flat

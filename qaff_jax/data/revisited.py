@@ -12,10 +12,18 @@ each coordinate with Python's `round` (half to even) and truncates to int. We ap
 that rounding explicitly (`crop_box`) so the result does not depend on PIL
 internals. The box is not clipped: parts outside the image come back black, as
 in the reference.
+
+The ground-truth pickles come from the web, so `load_gnd` never runs the
+generic unpickler: `_GndUnpickler` resolves only the builtin containers and
+scalars and the numpy array / dtype / scalar constructors that genuine
+revisitop files use, and refuses every other global before calling it.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
+import codecs
+import importlib
 import os
 import pickle
 from typing import Any, Iterable, Sequence
@@ -39,6 +47,100 @@ class MissingImagesError(FileNotFoundError):
                      f"{named}{tail}")
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+  """A pickle referenced a global outside the allowlist; nothing was called."""
+
+  def __init__(self, module: str, name: str):
+    self.qualname = f"{module}.{name}"
+    # Protocols < 3 written by Python 3 use Python 2 names (subprocess.Popen
+    # becomes commands.Popen); say what the name means today as well.
+    py3 = _compat_pickle.NAME_MAPPING.get((module, name))
+    if py3 is None and module in _compat_pickle.IMPORT_MAPPING:
+      py3 = (_compat_pickle.IMPORT_MAPPING[module], name)
+    if py3 is not None and py3 != (module, name):
+      self.qualname += f" (Python 3: {py3[0]}.{py3[1]})"
+    super().__init__(f"refused global {self.qualname}")
+
+
+_BUILTIN_TYPES = (dict, list, tuple, set, str, bytes, int, float, bool, complex)
+
+
+def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
+  """`_codecs.encode` as Python 3 pickles bytes at protocol < 3, latin-1 only."""
+  if codecs.lookup(encoding).name != "iso8859-1" or not isinstance(text, str):
+    raise pickle.UnpicklingError(
+        f"_codecs.encode allowed only for str with latin-1, got "
+        f"{type(text).__name__} with {encoding!r}")
+  return text.encode("latin1")
+
+
+def _import_first(*names: str):
+  """The first of the modules `names` that imports (numpy 2.x, then 1.x)."""
+  for name in names:
+    try:
+      return importlib.import_module(name)
+    except ImportError:
+      continue
+  raise ImportError(f"none of {names} is importable")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+  """(module, name) as written in a pickle -> the object it may resolve to."""
+  table: dict[tuple[str, str], Any] = {}
+  for module in ("builtins", "__builtin__"):  # protocol < 3 writes __builtin__
+    for cls in _BUILTIN_TYPES:
+      table[(module, cls.__name__)] = cls
+  table[("__builtin__", "unicode")] = str  # Python 2 names
+  table[("__builtin__", "long")] = int
+  table[("_codecs", "encode")] = _latin1_encode
+  # numpy 1.x pickles name numpy.core, 2.x numpy._core: map both to what the
+  # installed numpy provides (preferring _core avoids the 2.x shim's warning).
+  multiarray = _import_first("numpy._core.multiarray", "numpy.core.multiarray")
+  numeric = _import_first("numpy._core.numeric", "numpy.core.numeric")
+  for core in ("numpy.core", "numpy._core"):
+    table[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+    table[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+    # Protocol 5 arrays (Python 3.14's default protocol).
+    table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+  table[("numpy", "ndarray")] = np.ndarray
+  table[("numpy", "dtype")] = np.dtype
+  return table
+
+
+class _GndUnpickler(pickle.Unpickler):
+  """Unpickler that resolves only `_allowed_globals()`; anything else raises.
+
+  Data opcodes (dicts, lists, strings, numbers) need no global; a global is
+  what a pickle must name to call code, and `find_class` is where it is looked
+  up, so refusing there stops the call before it happens.
+  """
+
+  _allowed: dict[tuple[str, str], Any] | None = None
+
+  def find_class(self, module: str, name: str) -> Any:
+    if _GndUnpickler._allowed is None:
+      _GndUnpickler._allowed = _allowed_globals()
+    try:
+      return _GndUnpickler._allowed[(module, name)]
+    except KeyError:
+      raise _RefusedGlobal(module, name) from None
+
+
+def _load_pickle(path: str) -> Any:
+  """Unpickles `path` restrictedly; retries with latin-1 for Python 2 files.
+
+  Python 2 pickles store numpy array data as byte strings that the default
+  ASCII decoding rejects; `encoding='latin1'` is numpy's documented way to
+  read them.
+  """
+  with open(path, "rb") as f:
+    try:
+      return _GndUnpickler(f).load()
+    except UnicodeDecodeError:
+      f.seek(0)
+      return _GndUnpickler(f, encoding="latin1").load()
+
+
 def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
   """Loads a revisitop `gnd_<name>.pkl`.
 
@@ -49,14 +151,21 @@ def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
 
   Raises:
     FileNotFoundError: the file does not exist (names it).
-    ValueError: unreadable pickle, or keys missing / inconsistent (names the file).
+    ValueError: unreadable pickle, a pickle that names any global besides
+      builtin containers/scalars and numpy arrays/dtypes/scalars (names the
+      file and the refused `module.name`; nothing of it is run), or keys
+      missing / inconsistent (names the file).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"ground-truth file not found: {path}")
   try:
-    with open(path, "rb") as f:
-      data = pickle.load(f)
+    data = _load_pickle(path)
+  except _RefusedGlobal as e:
+    raise ValueError(
+        f"{path}: refusing to unpickle global {e.qualname}: a ground-truth "
+        "file holds only builtin containers and numpy arrays, and this one "
+        "names code to run") from None
   except Exception as e:  # pickle raises many types for bad input
     raise ValueError(f"cannot read ground-truth pickle {path}: {e}") from e
   if not isinstance(data, dict):
