@@ -4,6 +4,7 @@ import collections
 import io
 import logging
 import os
+import threading
 
 import grain
 import ml_collections
@@ -280,3 +281,116 @@ def test_multiprocess_workers_resume(tf_dir):
   fresh.set_state(state)
   _assert_batches_equal([next(fresh) for _ in range(2)], expected)
   fresh.close()
+
+
+# --------------------------------------------------------------------------
+# Data that can never yield a batch fails instead of spinning.
+
+
+def _within(fn, timeout=120):
+  """Runs `fn()` in a daemon thread; fails (rather than hangs) past `timeout`.
+
+  Returns ('value', result) or ('error', exception).
+  """
+  out = {}
+
+  def target():
+    try:
+      out["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      out["error"] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  assert not thread.is_alive(), f"still running after {timeout}s (busy loop?)"
+  return next(iter(out.items()))
+
+
+def _build_and_take(cfg, n=1, batch=2):
+  """Builds the dataset and takes `n` batches (a regression would spin here)."""
+  return _take(pipeline.make_train_dataset(cfg, local_batch_size=batch, seed=0), n)
+
+
+def test_all_shards_empty_fails_at_construction(tmp_path):
+  names = [records.shard_name("train", s, 6) for s in range(6)]
+  for name in names:
+    (tmp_path / name).write_bytes(b"")
+  kind, err = _within(lambda: _build_and_take(_cfg(str(tmp_path))), timeout=60)
+  assert kind == "error" and isinstance(err, ValueError), (kind, err)
+  msg = str(err)
+  assert msg.startswith("no record in any of the 6 shards: ")
+  assert names[0] in msg and names[3] in msg and "(+2 more)" in msg
+  # Construction alone raises: before any iterator or step exists.
+  with pytest.raises(ValueError, match="no record in any of the 6 shards"):
+    pipeline.make_train_dataset(_cfg(str(tmp_path)), local_batch_size=2, seed=0)
+
+
+def test_shards_without_a_readable_record_header_fail_at_construction(tmp_path):
+  good = records.encode_record(records.make_gldv2_example(_jpeg(1), 1, "id001", 32, 32))
+  (tmp_path / "train-00000-of-00003").write_bytes(b"")
+  (tmp_path / "train-00001-of-00003").write_bytes(good[:5])  # cut-off header
+  (tmp_path / "train-00002-of-00003").write_bytes(good[:40])  # cut-off record
+  kind, err = _within(lambda: _build_and_take(_cfg(str(tmp_path))), timeout=60)
+  assert kind == "error" and isinstance(err, ValueError), (kind, err)
+  assert "no record in any of the 3 shards" in str(err)
+  assert "train-00002-of-00003" in str(err)
+
+
+def test_process_with_only_empty_shards_fails(tf_dir, tmp_path):
+  # Process 1 of 2 gets files 1 and 3: make those empty copies.
+  for s in range(NUM_FILES):
+    name = records.shard_name("train", s, NUM_FILES)
+    data = b"" if s % 2 else open(os.path.join(tf_dir, name), "rb").read()
+    (tmp_path / name).write_bytes(data)
+  with pytest.raises(ValueError, match="no record in any of the 2 shards of process 1 of 2"):
+    pipeline.make_train_dataset(_cfg(str(tmp_path)), local_batch_size=2, seed=0,
+                                process_index=1, process_count=2)
+  kind, value = _within(lambda: _take(pipeline.make_train_dataset(
+      _cfg(str(tmp_path)), local_batch_size=2, seed=0, process_index=0,
+      process_count=2), 3))
+  assert kind == "value", value
+
+
+@pytest.mark.parametrize("fmt", ["tfrecord", "arrayrecord"])
+def test_some_empty_shards_still_train(fmt, tf_dir, ar_dir, tmp_path, caplog):
+  src = tf_dir if fmt == "tfrecord" else ar_dir
+  for name in os.listdir(src):
+    with open(os.path.join(src, name), "rb") as f:
+      (tmp_path / name).write_bytes(f.read())
+  ext = ".array_record" if fmt == "arrayrecord" else ""
+  empty = [f"train-{90 + i:05d}-of-00099{ext}" for i in range(3)]
+  for name in empty:
+    (tmp_path / name).write_bytes(b"")
+  with caplog.at_level(logging.WARNING, logger="qaff_jax.data.pipeline"):
+    kind, batches = _within(lambda: _build_and_take(_cfg(str(tmp_path)), n=8, batch=4))
+  assert kind == "value", batches
+  assert len(batches) == 8
+  for b in batches:
+    assert b["image"].shape == (4, 16, 16, 3) and b["label"].shape == (4,)
+  labels = set(np.concatenate([b["label"] for b in batches]).tolist())
+  assert labels <= {_label(s, k) for s in range(NUM_FILES) for k in range(PER_FILE)}
+  assert "3 of" in caplog.text and empty[0] in caplog.text
+
+
+def test_all_arrayrecord_shards_empty_fails(tmp_path):
+  for s in range(2):
+    (tmp_path / f"train-{s:05d}-of-00002.array_record").write_bytes(b"")
+  with pytest.raises(ValueError, match="no record in any of the 2 shards") as e:
+    pipeline.make_train_dataset(_cfg(str(tmp_path)), local_batch_size=2, seed=0)
+  assert "train-00001-of-00002.array_record" in str(e.value)
+
+
+def test_all_corrupt_records_error_names_files_and_last_record(tmp_path, monkeypatch):
+  monkeypatch.setattr(pipeline, "MAX_CONSECUTIVE_SKIPS", 50)
+  bad = records.encode_record(records.make_gldv2_example(b"GIF89a nope", 5, "bad_jpeg", 1, 1))
+  for s in range(2):
+    (tmp_path / records.shard_name("train", s, 2)).write_bytes(bad * 3)
+  cfg = _cfg(str(tmp_path), shuffle_buffer=0)
+  kind, err = _within(lambda: _build_and_take(cfg), timeout=60)
+  assert kind == "error" and isinstance(err, RuntimeError), (kind, err)
+  msg = str(err)
+  assert "50 records in a row were corrupt (50)" in msg
+  assert "last corrupt record: " in msg and "'bad_jpeg'" in msg
+  assert records.shard_name("train", 0, 2) in msg and records.shard_name("train", 1, 2) in msg
+  assert "2 shard(s)" in msg

@@ -19,7 +19,10 @@ Corrupt records (bad CRC, truncated file, not a tf.train.Example, missing
 features, undecodable image) never stop training: each is logged once and
 skipped; `skipped[i]` counts the corrupt records dropped just before element i
 in its stream, so summing `skipped` over all batches gives the total. Records
-dropped by the class allowlist are not counted.
+dropped by the class allowlist are not counted. Data that can never yield an
+element fails instead of looping: shards without a single readable record
+(zero-length files, e.g. an interrupted copy) when the dataset is built, and
+`MAX_CONSECUTIVE_SKIPS` bad records in a row while iterating.
 
 Images are uint8; normalise on device with `transforms.normalize_jnp`.
 Paths are local (or FUSE-mounted) files. Memory: the TFRecord shuffle window
@@ -49,6 +52,7 @@ DEFAULT_CYCLE_LENGTH = 16
 # A stream that yields this many corrupt/dropped records in a row without one
 # usable element is broken (e.g. every record fails): raise instead of looping.
 MAX_CONSECUTIVE_SKIPS = 10_000
+_MAX_NAMED_FILES = 4  # shards named in error messages
 
 _OK, _CORRUPT, _DROPPED = 0, 1, 2
 
@@ -129,6 +133,63 @@ def num_classes(data_cfg: Any) -> int:
   return int(data_cfg.num_classes)
 
 
+def _name_files(files: Sequence[str]) -> str:
+  """The first few of `files`, comma separated, then how many more."""
+  named = ", ".join(files[:_MAX_NAMED_FILES])
+  more = len(files) - _MAX_NAMED_FILES
+  return named + (f" (+{more} more)" if more > 0 else "")
+
+
+def _no_record_error(files: Sequence[str], context: str = "") -> ValueError:
+  return ValueError(f"no record in any of the {len(files)} shards{context}: "
+                    f"{_name_files(files)}")
+
+
+def _warn_empty(files: Sequence[str]) -> list[str]:
+  """Logs the zero-length files among `files` (a cheap stat); returns them."""
+  empty = [f for f in files if os.path.getsize(f) == 0]
+  if empty:
+    log.warning("%d of %d shards are empty (zero-length; an interrupted copy?): %s",
+                len(empty), len(files), _name_files(empty))
+  return empty
+
+
+def _tfrecord_has_record(path: str) -> bool:
+  """Whether the TFRecord file `path` holds at least one intact record.
+
+  Reads up to the first intact record, normally just the first one: records
+  with a bad data checksum are stepped over, while a clean end of file, a
+  cut-off or garbled header, or a truncated record mean the reader would
+  never yield anything from this file.
+  """
+  if os.path.getsize(path) == 0:
+    return False
+  with open(path, "rb") as f:
+    while True:
+      try:
+        return records.read_record_at(f, path) is not None
+      except records.RecordChecksumError:
+        continue
+      except records.CorruptRecordError:
+        return False
+
+
+def check_tfrecord_shards(files: Sequence[str], context: str = "") -> None:
+  """Fails at once when not one of `files` holds a readable record.
+
+  Without this, training on only empty shards spins forever: the repeated
+  interleave yields nothing, so no skip counter ever fires. Stops at the first
+  shard with a record, so a healthy dataset costs one stat per file and one
+  record read.
+
+  Raises:
+    ValueError: "no record in any of the N shards: <first few files>".
+  """
+  _warn_empty(files)
+  if not any(_tfrecord_has_record(f) for f in files):
+    raise _no_record_error(files, context)
+
+
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
   value = getattr(cfg, name, default)
   return default if value is None else value
@@ -194,12 +255,14 @@ class _TFRecordFileIterator(grain.DatasetIterator):
         raise StopIteration
     except records.RecordChecksumError as e:  # framing intact: go on after it
       log.warning("skipping corrupt record: %s", e)
-      data = None
+      self._offset = f.tell()
+      self._index += 1
+      return {"raw": None, "source": source, "error": str(e)}
     except records.CorruptRecordError as e:  # rest of the file unreadable
       log.warning("skipping the rest of a corrupt file (counted as 1 record): %s", e)
       self._done = True
       self._close_file()
-      return {"raw": None, "source": source}
+      return {"raw": None, "source": source, "error": str(e)}
     self._offset = f.tell()
     self._index += 1
     return {"raw": data, "source": source}
@@ -265,7 +328,8 @@ class ArrayRecordSource:
     except Exception as e:  # a corrupt chunk: skip, never crash the run
       log.warning("skipping unreadable record %s: %s: %s", self._where(index),
                   type(e).__name__, e)
-      raw = None
+      return {"raw": None, "source": self._where(index),
+              "error": f"{type(e).__name__}: {e}"}
     return {"raw": raw, "source": self._where(index)}
 
   def __repr__(self) -> str:
@@ -280,7 +344,9 @@ class TrainTransform:
   """`random_map` function: raw record → augmented uint8 image and label.
 
   Returns a dict with 'status' (_OK, _CORRUPT or _DROPPED); corrupt records
-  are logged here (parse or decode failures) or were logged by the reader.
+  are logged here (parse or decode failures) or were logged by the reader, and
+  carry 'source' and 'error' so that a stream of nothing but bad records can
+  name the last one.
   """
 
   def __init__(self, image_size: int, min_scale: float = 0.2,
@@ -299,26 +365,26 @@ class TrainTransform:
                rng: np.random.Generator) -> dict[str, Any]:
     raw, source = element["raw"], element["source"]
     if raw is None:
-      return {"status": _CORRUPT}
+      return _corrupt(source, element.get("error", "unreadable record"))
     try:
       rec = records.parse_gldv2_example(raw)
     except ValueError as e:
       log.warning("skipping corrupt record %s: %s", source, e)
-      return {"status": _CORRUPT}
+      return _corrupt(source, e)
     label = rec.label
     if self.allowed is not None and label not in self.allowed:
       return {"status": _DROPPED}
     if label < 0:
       log.warning("skipping record %s (id %r): negative label %d", source,
                   rec.image_id, label)
-      return {"status": _CORRUPT}
+      return _corrupt(source, f"id {rec.image_id!r}: negative label {label}")
     if self.label_map is not None:
       label = self.label_map[label]
     try:
       img = transforms.decode_image(rec.encoded)
     except ValueError as e:
       log.warning("skipping record %s (id %r): %s", source, rec.image_id, e)
-      return {"status": _CORRUPT}
+      return _corrupt(source, f"id {rec.image_id!r}: {e}")
     img = transforms.random_resized_crop(img, self.image_size, rng,
                                          scale=(self.min_scale, 1.0))
     img = transforms.random_flip(img, rng)
@@ -328,18 +394,25 @@ class TrainTransform:
     return {"status": _OK, "image": img, "label": np.int32(label)}
 
 
+def _corrupt(source: str, error: Any) -> dict[str, Any]:
+  return {"status": _CORRUPT, "source": source, "error": str(error)}
+
+
 class SkipCountIterDataset(grain.IterDataset):
   """Drops non-OK elements; attaches to each kept one how many corrupt preceded it.
 
   Output elements: `{'image', 'label', 'skipped'}`. Corrupt records still
-  pending when a finite stream ends are not reported.
+  pending when a finite stream ends are not reported. `files` (the shards the
+  stream reads) are named when `MAX_CONSECUTIVE_SKIPS` bad records in a row
+  stop it.
   """
 
-  def __init__(self, parent: grain.IterDataset):
+  def __init__(self, parent: grain.IterDataset, files: Sequence[str] = ()):
     super().__init__(parent)
+    self._files = list(files)
 
   def __iter__(self) -> "_SkipCountIterator":
-    return _SkipCountIterator(self._parent.__iter__())
+    return _SkipCountIterator(self._parent.__iter__(), self._files)
 
   def __str__(self) -> str:
     return "SkipCountIterDataset"
@@ -348,8 +421,13 @@ class SkipCountIterDataset(grain.IterDataset):
 class _SkipCountIterator(grain.DatasetIterator):
   """Stateless beyond its parent: nothing is pending between elements."""
 
+  def __init__(self, parent: grain.DatasetIterator, files: Sequence[str] = ()):
+    super().__init__(parent)
+    self._files = list(files)
+
   def __next__(self) -> dict[str, Any]:
     skipped = 0
+    last_bad = None
     for _ in range(MAX_CONSECUTIVE_SKIPS):
       element = next(self._parent)
       status = element["status"]
@@ -358,9 +436,19 @@ class _SkipCountIterator(grain.DatasetIterator):
                 "skipped": np.int32(skipped)}
       if status == _CORRUPT:
         skipped += 1
+        last_bad = element
+    dropped = MAX_CONSECUTIVE_SKIPS - skipped
+    if last_bad is None:
+      last = "no corrupt record: all were dropped by the class allowlist"
+    else:
+      last = (f"last corrupt record: {last_bad.get('source', '?')}: "
+              f"{last_bad.get('error', '?')}")
+    files = (f"; {len(self._files)} shard(s): {_name_files(self._files)}"
+             if self._files else "")
     raise RuntimeError(
-        f"{MAX_CONSECUTIVE_SKIPS} records in a row were corrupt or dropped by the "
-        "class allowlist; check the data files and the allowlist")
+        f"{MAX_CONSECUTIVE_SKIPS} records in a row were corrupt ({skipped}) or "
+        f"dropped by the class allowlist ({dropped}); {last}{files}; check the "
+        "data files and the allowlist")
 
   def get_state(self) -> dict[str, Any]:
     return self._parent.get_state()
@@ -397,7 +485,9 @@ def make_train_dataset(data_cfg: Any, *, local_batch_size: int, seed: int,
 
   Raises:
     FileNotFoundError: no shard matched `train_files`.
-    ValueError: a process got no TFRecord file, or a bad config value.
+    ValueError: a process got no TFRecord file, not one of its shards holds a
+      readable record ("no record in any of the N shards: ..."; checked here,
+      before any step), or a bad config value.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -425,6 +515,8 @@ def make_train_dataset(data_cfg: Any, *, local_batch_size: int, seed: int,
           f"process {process_index} of {process_count} got no TFRecord file: "
           f"train_files={pattern!r} matched only {len(files)} file(s); use at "
           "least as many shards as processes")
+    check_tfrecord_shards(my_files, context=(
+        f" of process {process_index} of {process_count}" if process_count > 1 else ""))
     readers = (grain.MapDataset.source(my_files)
                .shuffle(seed=seed)  # per-epoch seed = seed + epoch
                .repeat()
@@ -437,10 +529,16 @@ def make_train_dataset(data_cfg: Any, *, local_batch_size: int, seed: int,
       ds = grain.experimental.WindowShuffleIterDataset(
           ds, window_size=window, seed=window_seed)
     ds = ds.random_map(transform, seed=aug_seed)
+    stream_files = my_files
   else:
-    source = ArrayRecordSource(files)
+    # A zero-length ArrayRecord file cannot even be opened; it holds nothing.
+    empty = set(_warn_empty(files))
+    if len(empty) == len(files):
+      raise _no_record_error(files)
+    source = ArrayRecordSource([f for f in files if f not in empty])
     if len(source) == 0:
-      raise ValueError(f"ArrayRecord shards of {pattern!r} hold no records")
+      raise _no_record_error(files)
+    stream_files = files
     ds = (grain.MapDataset.source(source)
           .shuffle(seed=seed)  # per-epoch seed = seed + epoch
           .repeat())
@@ -451,7 +549,7 @@ def make_train_dataset(data_cfg: Any, *, local_batch_size: int, seed: int,
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=16, prefetch_buffer_size=max(64, 2 * local_batch_size)))
 
-  ds = SkipCountIterDataset(ds)
+  ds = SkipCountIterDataset(ds, stream_files)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   num_workers = int(_get(data_cfg, "num_workers", 0))
   if num_workers > 0:
