@@ -295,3 +295,19 @@ def test_hook_fusion_summary_with_sidecar(tmp_path):
   assert a["by_kind"]["unknown"]["count"] == 3    # q_gone, db_big, db_gone
   assert a["by_kind"]["scene"]["count"] == 1
   assert a["global_weight_scene"] == pytest.approx(w[3, 0])
+
+
+def test_routing_check_hits_hand_computed():
+  from qaff_jax.evaluation import routing_check
+  # 2 images, grid 2 (cells 0 TL, 1 TR, 2 BL, 3 BR), one scale: K = 6.
+  boxes = np.array([[0.0, 0.0, 0.4, 0.4],    # cell 0 only
+                    [0.6, 0.6, 1.0, 1.0]])   # cell 3 only
+  losses = np.array([[5.0, 1.0, 2.0, 3.0, 4.0, 5.0],    # argmin cell 0: hit
+                     [5.0, 1.0, 2.0, 3.0, 4.0, 5.0]])   # argmin cell 0: miss
+  weights = np.array([[0.1, 0.1, 0.5, 0.1, 0.1, 0.1],   # top cell 1: miss
+                      [0.1, 0.1, 0.1, 0.1, 0.5, 0.1]])  # top cell 3: hit
+  r = routing_check.hits(losses, weights, boxes, 2)
+  assert r["target_hit"] == 0.5 and r["router_hit"] == 0.5
+  assert r["chance"] == pytest.approx(0.25) and r["best_fixed"] == pytest.approx(0.5)
+  assert r["loss_spread"] == pytest.approx(np.std([1.0, 2.0, 3.0, 4.0]))
+  assert r["mean_loss"] == pytest.approx([5.0, 1.0, 2.0, 3.0, 4.0, 5.0])
