@@ -52,7 +52,6 @@ default from `spec_for`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -69,6 +68,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageFilter
 
+from qaff_jax import cli_util
 from qaff_jax.data import records
 
 VERSION = 1
@@ -798,11 +798,22 @@ def _write_test(out: str, spec: DemoSpec) -> dict[str, Any]:
     save(image_id, _jpeg(img, rng, s))
     db.append((image_id, -1, "distractor"))
 
-  db = [db[k] for k in _rng(spec.seed, 901).permutation(len(db))]
+  return _save_ground_truth(out, TEST_NAME, db, queries, spec.seed)
+
+
+def _save_ground_truth(out: str, name: str, db: list, queries: list,
+                       seed: int) -> dict[str, Any]:
+  """Shuffles the database, builds the revisitop gnd and writes `gnd_<name>.pkl`.
+
+  `db` rows are (image_id, class key, level), `queries` rows (image_id,
+  class key, bbx); a query's easy/hard/junk are the database images of its
+  class at that level.
+  """
+  db = [db[k] for k in _rng(seed, 901).permutation(len(db))]
   imlist = [d[0] for d in db]
   gnd = []
-  for _, lm, bbx in queries:
-    entry = {level: [k for k, d in enumerate(db) if d[1] == lm and d[2] == level]
+  for _, key, bbx in queries:
+    entry = {level: [k for k, d in enumerate(db) if d[1] == key and d[2] == level]
              for level in ("easy", "hard", "junk")}
     entry["bbx"] = bbx
     gnd.append(entry)
@@ -810,7 +821,7 @@ def _write_test(out: str, spec: DemoSpec) -> dict[str, Any]:
   ids = imlist + cfg["qimlist"]
   if len(set(ids)) != len(ids):
     raise RuntimeError("demo image ids collide; pick another seed")
-  with open(os.path.join(out, f"gnd_{TEST_NAME}.pkl"), "wb") as f:
+  with open(os.path.join(out, f"gnd_{name}.pkl"), "wb") as f:
     pickle.dump(cfg, f, protocol=4)
   return cfg
 
@@ -908,20 +919,7 @@ def _write_test_mixed(out: str, spec: DemoSpec) -> dict[str, Any]:
     save(image_id, _jpeg(img, rng, s), img, "distractor")
     db.append((image_id, None, "distractor"))
 
-  db = [db[k] for k in _rng(spec.seed, 901).permutation(len(db))]
-  imlist = [d[0] for d in db]
-  gnd = []
-  for _, key, bbx in queries:
-    entry = {level: [k for k, d in enumerate(db) if d[1] == key and d[2] == level]
-             for level in ("easy", "hard", "junk")}
-    entry["bbx"] = bbx
-    gnd.append(entry)
-  cfg = {"imlist": imlist, "qimlist": [q[0] for q in queries], "gnd": gnd}
-  ids = imlist + cfg["qimlist"]
-  if len(set(ids)) != len(ids):
-    raise RuntimeError("demo image ids collide; pick another seed")
-  with open(os.path.join(out, f"gnd_{name}.pkl"), "wb") as f:
-    pickle.dump(cfg, f, protocol=4)
+  cfg = _save_ground_truth(out, name, db, queries, spec.seed)
   _write_json_atomic(os.path.join(out, OBJECTS_NAME),
                      {"version": OBJECTS_VERSION, "images": sidecar})
   return cfg
@@ -1167,7 +1165,8 @@ def ensure_demo_data(root: str | os.PathLike,
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli_util.ArgumentParser(prog="python -m qaff_jax.data.demo",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="root folder of the demo data")
   parser.add_argument("--force", action="store_true", help="regenerate even if present")
   for field in dataclasses.fields(DemoSpec):

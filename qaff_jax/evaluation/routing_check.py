@@ -94,26 +94,15 @@ def check_run(workdir: str, train_files: str, max_images: int = 96) -> dict[str,
   """Loads the run's latest checkpoint and computes `hits` on boxed training records."""
   import jax.numpy as jnp
   from flax import nnx
-  from qaff_jax import checkpoint as ckpt_lib
-  from qaff_jax import losses, parallel, train_lib
+  from qaff_jax import losses, train_lib
+  from qaff_jax.evaluation import runner
   from qaff_jax.data import transforms
   from qaff_jax.models import qaff
 
   config = train_lib.load_config(workdir)
   if config.model.head != "qaff":
     raise ValueError(f"{workdir}: model.head={config.model.head!r}; the check needs a QAFF run")
-  mesh = parallel.make_mesh(config.mesh.model)
-  tx, _ = train_lib.make_optimizer(config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6,
-                               async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
-    graphdef, abstract, _ = train_lib.abstract_train_state(config, mesh, tx)
-    state = ckpt.restore_model(step, abstract)
-  finally:
-    ckpt.close()
+  config, graphdef, state, _, step = runner.load_state(workdir, config)
   module = nnx.merge(graphdef, state.params, state.model_state)
   module.net.eval()
   images, labels, boxes = _records_with_boxes(train_files, max_images, config.data.image_size)

@@ -38,8 +38,8 @@ RERANK_METHODS = ("none", "superglobal", "aqe", "dba")
 # Model.
 
 
-def load_network(workdir: str, config=None, step: int | None = None):
-  """(config, eval-mode network, mesh, step) from the run in `workdir`.
+def load_state(workdir: str, config=None, step: int | None = None):
+  """(config, graphdef, restored params + model state, mesh, step) of a run.
 
   The config defaults to the run's saved `config.json`; the step to the latest.
   """
@@ -57,6 +57,13 @@ def load_network(workdir: str, config=None, step: int | None = None):
     state = ckpt.restore_model(step, abstract)
   finally:
     ckpt.close()
+  return config, graphdef, state, mesh, step
+
+
+def load_network(workdir: str, config=None, step: int | None = None):
+  """(config, eval-mode network, mesh, step) from the run in `workdir`."""
+  from qaff_jax import train_lib
+  config, graphdef, state, mesh, step = load_state(workdir, config, step)
   return config, train_lib.merge_model(graphdef, state, train=False), mesh, step
 
 
