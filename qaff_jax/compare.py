@@ -216,4 +216,5 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from qaff_jax import cli_util
+  cli_util.run(main)

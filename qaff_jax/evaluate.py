@@ -9,6 +9,14 @@ python -m qaff_jax.evaluate --query_features Q.npy --db_features X.npy \
 python -m qaff_jax.evaluate --ranks R.npy --gnd gnd_roxford5k.pkl --json
 python -m qaff_jax.evaluate --gldv2_solution retrieval_solution_v2.1.csv \
     --query_features test.npy --query_ids test_ids.txt --db_features index.npy --db_ids index_ids.txt
+python -m qaff_jax.evaluate --workdir runs/r101 --data_dir /data/revisitop \
+    --config.eval.max_side=512 --config.eval.scales=1.0
+
+Without `--config FILE`, `--config.a.b=v` sets single fields of the run's
+saved config.json (in the other modes: of the default config); with it, the
+file replaces the saved config and `--config.a.b=v` sets the file's fields.
+Exit codes: 0 done, 1 a bad input file, 2 a usage mistake (missing or
+conflicting flags, a --workdir that is not a finished training run).
 
 Descriptor files hold one row per image in `qimlist` / `imlist` order; a ranks
 file has shape (n_db, n_queries), column i ranking the database for query i
@@ -22,13 +30,16 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from qaff_jax import cli_util
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file; default: the run's saved config.json.", lock_config=True)
+    "config", None, "Config file replacing the run's saved config.json. Without it, "
+    "--config.a.b=v sets single fields of the saved config, e.g. --config.eval.max_side=512.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "revisitop root: <root>/<name>/gnd_<name>.pkl, jpg/.")
@@ -62,8 +73,17 @@ _DB_IDS = flags.DEFINE_string("db_ids", None, "GLDv2: index image ids, one per l
 _OUT = flags.DEFINE_string("out", None, "Report folder (default: <workdir>/eval or ./eval_report).")
 
 
-def main(argv):
-  del argv
+def _parse_flags(argv):
+  """The flags, and `--config.a.b=v` set aside when no `--config FILE` is given.
+
+  Returns (remaining argv, {"a.b": "v"}): what `main` gets.
+  """
+  argv, overrides = cli_util.split_config_overrides(argv, "config")
+  return cli_util.parse_flags(argv), overrides
+
+
+def main(args):
+  _, overrides = args
   from qaff_jax.evaluation import cli, runner
   config = _CONFIG.value
   request = cli.Request(
@@ -73,9 +93,12 @@ def main(argv):
       query_features=_QUERY_FEATURES.value, db_features=_DB_FEATURES.value,
       ranks=_RANKS.value, gnd=_GND.value, ranks_out=_RANKS_OUT.value,
       skip_missing=_SKIP_MISSING.value, out=_OUT.value, scann_dir=_SCANN_DIR.value,
-      gldv2_solution=_GLDV2.value, query_ids=_QUERY_IDS.value, db_ids=_DB_IDS.value)
+      gldv2_solution=_GLDV2.value, query_ids=_QUERY_IDS.value, db_ids=_DB_IDS.value,
+      config_overrides=overrides)
   try:
     results, info, report_dir = cli.run(request, config)
+  except cli_util.UsageError:
+    raise  # missing/conflicting flags: one line, exit 2 (cli_util.run)
   except (ValueError, FileNotFoundError) as err:
     # Bad inputs (unreadable or refused files, wrong shapes): the message
     # names the file; a traceback would only bury it (--verbosity=1 logs it).
@@ -102,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_util.run(main, flags_parser=_parse_flags)

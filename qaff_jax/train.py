@@ -5,10 +5,11 @@ python -m qaff_jax.train --config configs/gldv2.py:backbone=resnet50 --workdir /
     --config.data.train_files='/data/gldv2/train/train-*' --config.optim.lr=0.005
 """
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from qaff_jax import cli_util
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/gldv2.py:backbone=resnet50.",
@@ -39,6 +40,11 @@ def main(argv):
   config = _CONFIG.value
   if config.get("demo_root"):
     demo.ensure_demo_data(config.demo_root, demo.spec_for(config.get("demo_layout", "landmarks")))
+  if not (config.data.class_allowlist and config.data.relabel):  # else counted from the data
+    try:
+      train_lib.check_config(config)  # e.g. no --config.data.train_files: one line, exit 2
+    except ValueError as err:
+      cli_util.usage_error(str(err))
   result = train_lib.train_and_evaluate(config, _WORKDIR.value, init_from=_INIT_FROM.value)
   if "eval" in result:
     print(report.markdown_table(result["eval"]))
@@ -50,4 +56,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_util.run(main, example="python -m qaff_jax.train --config configs/demo.py "
+               "--workdir workdirs/demo")

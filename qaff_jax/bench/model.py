@@ -21,6 +21,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from qaff_jax import cli_util
+
 _BACKBONES = flags.DEFINE_list(
     "backbones", [], "Backbones to report (default: all in models.BACKBONES).")
 _SKIP = flags.DEFINE_list(
@@ -109,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_util.run(main)

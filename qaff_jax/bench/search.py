@@ -27,9 +27,9 @@ import time
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 
+from qaff_jax import cli_util
 from qaff_jax.evaluation import ann, search
 
 _N = flags.DEFINE_integer("n", 100_000, "Database size.")
@@ -169,6 +169,9 @@ def bench_scann(db: np.ndarray, queries: np.ndarray, exact: np.ndarray,
 
 def main(argv):
   del argv
+  unknown = sorted(set(_BACKENDS.value) - {"exact", "scann"})
+  if unknown:
+    raise cli_util.UsageError(f"--backends: unknown {unknown}; choose from exact, scann")
   t0 = time.perf_counter()
   db, queries, tune, clusters = make_data(
       _N.value, _DIM.value, _QUERIES.value, _TUNE_QUERIES.value,
@@ -193,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_util.run(main)

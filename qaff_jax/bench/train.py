@@ -14,9 +14,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from qaff_jax import cli_util
 
 FLAGS = flags.FLAGS
 
@@ -107,4 +108,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli_util.run(main, example="python -m qaff_jax.bench.train --config configs/demo.py:quick")

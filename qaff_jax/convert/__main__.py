@@ -8,9 +8,10 @@ python -m qaff_jax.train --config configs/gldv2.py:backbone=resnet101 \
 
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from qaff_jax import cli_util
 
 _FROM = flags.DEFINE_string(
     "from", None, "Source weights: .safetensors (no PyTorch needed) or "
@@ -49,4 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_util.run(main, example="python -m qaff_jax.convert --from resnet101.safetensors "
+               "--arch resnet101 --out weights/resnet101")

@@ -13,7 +13,6 @@ Corrupt input records (bad CRC, truncated tail, not a GLDv2 Example, and with
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import logging
@@ -23,6 +22,7 @@ from typing import Sequence
 
 from array_record.python import array_record_module
 
+from qaff_jax import cli_util
 from qaff_jax.data import pipeline
 from qaff_jax.data import records
 from qaff_jax.data import transforms
@@ -116,7 +116,7 @@ def convert_tfrecords_to_arrayrecord(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli_util.ArgumentParser(
       prog="python -m qaff_jax.data.convert",
       description="Convert GLDv2 TFRecord shards to ArrayRecord shards.")
   parser.add_argument("--input", required=True,
@@ -130,10 +130,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace existing shards in --output")
   args = parser.parse_args(argv)
+  if args.num_shards is not None and args.num_shards <= 0:
+    parser.error(f"--num_shards {args.num_shards}: want a positive number")
+  existing = glob.glob(os.path.join(args.output, f"{args.prefix}-*-of-*{SUFFIX}"))
+  if existing and not args.overwrite:
+    parser.error(f"--output {args.output} already holds {len(existing)} "
+                 f"{args.prefix}-*-of-*{SUFFIX} shard(s); pass --overwrite to replace them")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  stats = convert_tfrecords_to_arrayrecord(
-      args.input, args.output, args.num_shards, prefix=args.prefix,
-      check_images=args.check_images, overwrite=args.overwrite)
+  try:
+    stats = convert_tfrecords_to_arrayrecord(
+        args.input, args.output, args.num_shards, prefix=args.prefix,
+        check_images=args.check_images, overwrite=args.overwrite)
+  except FileNotFoundError as err:  # --input matched nothing
+    parser.error(f"--input {args.input}: {err}")
   print(stats.summary())
   return 0
 

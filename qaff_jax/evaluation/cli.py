@@ -6,6 +6,10 @@ Three entry modes, chosen by which inputs are given:
                                                         -> search -> re-rank -> metrics
   checkpoint  --workdir RUN --data_dir ROOT --datasets a,b [--r1m ...]
                                                         -> extract -> search -> re-rank -> metrics
+
+Usage mistakes (no mode, two modes, a missing companion flag, a --workdir
+that is not a finished training run) raise `UsageError` (a ValueError) before
+anything slow starts; bad input files raise ValueError / FileNotFoundError.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import os
 
 import numpy as np
 
+from qaff_jax import cli_util
 from qaff_jax.data import revisited
 from qaff_jax.evaluation import report
 from qaff_jax.evaluation import runner
 from qaff_jax.evaluation import search
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+UsageError = cli_util.UsageError
 
 
 @dataclasses.dataclass
@@ -47,6 +54,9 @@ class Request:
   gldv2_solution: str | None = None   # retrieval_solution_v2.1.csv
   query_ids: str | None = None        # text files, one image id per line,
   db_ids: str | None = None           # in the row order of the feature files
+  # Dotted config fields as command-line text ({"eval.max_side": "512"}), set
+  # on top of the config (default: the run's saved one, or the defaults).
+  config_overrides: dict[str, str] | None = None
 
 
 def _name_of_gnd(path: str) -> str:
@@ -111,25 +121,77 @@ def _search_kwargs(req: Request, config) -> dict:
 
 
 def run(req: Request, config) -> tuple[dict, dict, str]:
-  """Returns (results {dataset: metrics incl. per-query APs}, info {dataset: ...}, report dir)."""
-  if config is None and not req.workdir:
-    from qaff_jax import config_lib
-    config = config_lib.base_config()  # search / re-ranking defaults
-  if req.gldv2_solution:
+  """Returns (results {dataset: metrics incl. per-query APs}, info {dataset: ...}, report dir).
+
+  `config` None: the run's saved config.json (checkpoint mode) or the
+  defaults (search / re-ranking settings), plus `req.config_overrides`.
+  """
+  mode = _mode(req)
+  if mode == "--workdir":
+    _check_workdir(req.workdir, req.step, need_config=config is None)
+  config = _resolve_config(req, config)
+  if mode == "--gldv2_solution":
     return _run_gldv2(req, config)
-  if req.ranks:
+  if mode == "--ranks":
     return _run_ranks(req)
-  if req.query_features or req.db_features:
-    return _run_features(req, config)
-  if req.workdir:
+  if mode == "--workdir":
     return _run_checkpoint(req, config)
-  raise ValueError("nothing to evaluate: give --workdir (a training run), or "
-                   "--query_features/--db_features with --gnd, or --ranks with --gnd")
+  return _run_features(req, config)
+
+
+def _mode(req: Request) -> str:
+  """The one entry mode the flags pick; none or several is a `UsageError`."""
+  modes = [flag for flag, given in (
+      ("--gldv2_solution", req.gldv2_solution),
+      ("--ranks", req.ranks),
+      ("--query_features/--db_features",
+       (req.query_features or req.db_features) and not req.gldv2_solution),
+      ("--workdir", req.workdir)) if given]
+  if not modes:
+    raise UsageError("nothing to evaluate: give --workdir (a training run), or "
+                     "--query_features/--db_features with --gnd, or --ranks with --gnd")
+  if len(modes) > 1:
+    raise UsageError(f"{' and '.join(modes)} pick different modes: give only one of "
+                     "--workdir, --query_features/--db_features, --ranks, --gldv2_solution")
+  return modes[0]
+
+
+def _check_workdir(workdir: str, step: int | None, need_config: bool) -> None:
+  """A local --workdir must be a training run with a finished checkpoint."""
+  if "://" in workdir:
+    return  # object stores: the config and checkpoint loaders report
+  pass_run = "pass the --workdir of a `python -m qaff_jax.train` run"
+  if not os.path.isdir(workdir):
+    raise UsageError(f"--workdir {workdir}: no such folder; {pass_run}")
+  if need_config and not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise UsageError(f"--workdir {workdir}: not a training run (no config.json); {pass_run}")
+  ckpt = os.path.join(workdir, "checkpoints")
+  # Orbax names a finished step's folder by the step; unfinished ones get a suffix.
+  steps = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
+  if not steps:
+    raise UsageError(f"--workdir {workdir}: no finished checkpoint in checkpoints/; "
+                     f"train first, or {pass_run}")
+  if step is not None and step not in steps:
+    raise UsageError(f"--step {step}: no such checkpoint in {ckpt}; steps there: {steps}")
+
+
+def _resolve_config(req: Request, config):
+  """`config`, else the run's saved one (--workdir) or the defaults; plus the overrides."""
+  if config is None:
+    if req.workdir:
+      from qaff_jax import train_lib  # pylint: disable=import-outside-toplevel
+      config = train_lib.load_config(req.workdir)
+    else:
+      from qaff_jax import config_lib  # pylint: disable=import-outside-toplevel
+      config = config_lib.base_config()  # search / re-ranking defaults
+  if req.config_overrides:
+    config = cli_util.apply_config_overrides(config, req.config_overrides)
+  return config
 
 
 def _need_gnd(req: Request) -> tuple[dict, str]:
   if not req.gnd:
-    raise ValueError("--gnd <gnd_NAME.pkl> is required with --ranks or --*_features")
+    raise UsageError("--gnd <gnd_NAME.pkl> is required with --ranks or --*_features")
   return revisited.load_gnd(req.gnd), _name_of_gnd(req.gnd)
 
 
@@ -141,7 +203,7 @@ def _finish(results, info, req: Request, default_out: str):
 
 def _run_ranks(req: Request):
   if req.rerank not in (None, "none"):
-    raise ValueError("--rerank needs descriptors: use --query_features/--db_features")
+    raise UsageError("--rerank needs descriptors: use --query_features/--db_features")
   gnd, name = _need_gnd(req)
   ranks = _load_npy(req.ranks, "--ranks")
   nq, n_db = len(gnd["qimlist"]), len(gnd["imlist"])
@@ -155,7 +217,7 @@ def _run_ranks(req: Request):
 
 def _run_features(req: Request, config):
   if not (req.query_features and req.db_features):
-    raise ValueError("give both --query_features and --db_features")
+    raise UsageError("give both --query_features and --db_features")
   gnd, name = _need_gnd(req)
   q = _load_npy(req.query_features, "--query_features")
   db = _load_npy(req.db_features, "--db_features")
@@ -168,7 +230,7 @@ def _run_features(req: Request, config):
 
 def _read_ids(path: str | None, flag: str, n: int) -> list[str]:
   if not path:
-    raise ValueError(f"--{flag} is required with --gldv2_solution")
+    raise UsageError(f"--{flag} is required with --gldv2_solution")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--{flag}: no file {path}")
   with open(path, encoding="utf-8") as f:
@@ -181,9 +243,12 @@ def _read_ids(path: str | None, flag: str, n: int) -> list[str]:
 def _run_gldv2(req: Request, config):
   """GLDv2 retrieval: top-100 index images per test image, Kaggle mAP@100."""
   from qaff_jax.evaluation import metrics
+  if not (req.query_features and req.db_features):
+    raise UsageError("--gldv2_solution needs --query_features and --db_features "
+                     "(with --query_ids and --db_ids)")
   solution = metrics.load_gldv2_retrieval_solution(req.gldv2_solution)
-  q = _load_npy(req.query_features or "", "--query_features")
-  db = _load_npy(req.db_features or "", "--db_features")
+  q = _load_npy(req.query_features, "--query_features")
+  db = _load_npy(req.db_features, "--db_features")
   q_ids = _read_ids(req.query_ids, "query_ids", q.shape[0])
   db_ids = _read_ids(req.db_ids, "db_ids", db.shape[0])
   kwargs = _search_kwargs(req, config)
@@ -207,14 +272,14 @@ def _distractor_files(r1m: str, r1m_root: str | None) -> list[str]:
 
 
 def _run_checkpoint(req: Request, config):
+  root = req.data_dir or config.eval.data_root
+  if not root:
+    raise UsageError("--data_dir (or config.eval.data_root) is required with --workdir")
   config, net, mesh, step = runner.load_network(req.workdir, config, req.step)
   from qaff_jax.evaluation import extract as extract_lib
   forward = extract_lib.make_forward(net, mesh, keys=("descriptor", "fusion_weights"))
   ev = config.eval
   settings = runner.ExtractSettings.from_config(ev)
-  root = req.data_dir or ev.data_root
-  if not root:
-    raise ValueError("--data_dir (or config.eval.data_root) is required with --workdir")
   names = [n.strip() for n in (req.datasets or ev.datasets).split(",") if n.strip()]
   cache = os.path.join(req.workdir, "eval", "descriptors")
   tag = f"step{step}_{settings.key()}"

@@ -36,7 +36,6 @@ head uses on the feature map.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import logging
@@ -47,6 +46,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from qaff_jax import cli_util
 from qaff_jax.evaluation import fusion_stats
 
 ImageLike = Union[np.ndarray, Image.Image]
@@ -602,7 +602,7 @@ def run(workdir: str, image_specs: Sequence[str], out: str, *,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
+  parser = cli_util.ArgumentParser(
       prog="python -m qaff_jax.viz.fusion",
       description="Draw QAFF fusion weights on the images they were "
       "predicted for (see the module docstring).")
@@ -618,11 +618,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="thumbnails per gallery row (0: none)")
   parser.add_argument("--display_side", type=int, default=DISPLAY_SIDE,
                       help="long side of the image in each picture")
-  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--batch_size", type=int, default=8,
+                      help="images per extraction batch")
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: latest)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
+  cli_util.quiet_backend_probe()
   try:
     result = run(args.workdir, args.images, args.out, max_side=args.max_side,
                  gallery=args.gallery, display_side=args.display_side,
