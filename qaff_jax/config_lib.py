@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 8
   c.data.class_allowlist = ""      # RGLDv2: text file of kept labels
   c.data.relabel = False
+  c.data.wait_limit_s = 900.0      # a training batch slower than this is an error; 0 = no limit
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet101"

@@ -341,6 +341,51 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class DataStalled(RuntimeError):
+  """The input pipeline produced no batch within `config.data.wait_limit_s`."""
+
+
+class _BatchWaiter:
+  """Fetches the next host batch on one worker thread, so the loop can give up.
+
+  `next(it)` of a stalled pipeline (a hung file system, a dead mount) blocks
+  the main thread, where neither SIGTERM's flag nor a time limit would be
+  looked at. Here the main thread polls: a preemption request while waiting
+  returns None (the caller stops without saving: the iterator is mid-batch,
+  and the last checkpoint is the resume point); a wait past `limit_s`
+  raises `DataStalled` naming the shards. One batch at a time, never ahead,
+  so a checkpoint's iterator state is exactly the next unread batch.
+  """
+
+  def __init__(self, data_iter, *, limit_s: float, what: str, poll_s: float = 0.25):
+    import concurrent.futures  # noqa: PLC0415
+    self._iter = data_iter
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
+    self._limit = float(limit_s)
+    self._what = what
+    self._poll = poll_s
+
+  def next(self, preempt=None):
+    import concurrent.futures  # noqa: PLC0415
+    future = self._pool.submit(next, self._iter)
+    start = time.monotonic()
+    while True:
+      try:
+        return future.result(timeout=self._poll)
+      except concurrent.futures.TimeoutError:
+        pass
+      if preempt is not None and preempt.requested:
+        return None
+      waited = time.monotonic() - start
+      if self._limit > 0 and waited > self._limit:
+        raise DataStalled(
+            f"no training batch for {waited:.0f} s (config.data.wait_limit_s="
+            f"{self._limit:g}) while reading {self._what}; check the files / mount")
+
+  def close(self):
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -451,10 +496,18 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
   progress = _progress_bar(start, steps)
   t0, seen = time.perf_counter(), 0
   skipped_since_log, skipped_total = 0, 0  # device scalars: summing them does not sync
+  waiter = _BatchWaiter(data_iter, limit_s=config.data.wait_limit_s,
+                        what=f"config.data.train_files={config.data.train_files!r}")
   try:
     with _Preemption() as preempt:
       for step in range(start + 1, steps + 1):
-        batch = parallel.global_batch(next(data_iter), mesh)
+        host_batch = waiter.next(preempt)
+        if host_batch is None:  # SIGTERM while the input pipeline was stalled
+          logging.warning("stopped while waiting for data before step %d; the last "
+                          "checkpoint (step %s) is the resume point", step,
+                          ckpt.latest_step())
+          return {"preempted_at": step - 1, **last}
+        batch = parallel.global_batch(host_batch, mesh)
         state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
         seen += config.batch_size
         skipped_since_log = skipped_since_log + metrics["skipped_records"]
@@ -485,6 +538,7 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
           logging.warning("stopped at step %d after preemption; rerun to resume", step)
           return {"preempted_at": step, **last}
   finally:
+    waiter.close()
     progress.close()
     writer.close()
     ckpt.close()

@@ -279,3 +279,36 @@ def test_model_restore_ignores_other_train_state_fields(data_root, tmp_path):
       ckpt.restore(3, abstract)
     finally:
       ckpt.close()
+
+
+def test_batch_waiter_gives_up_on_a_stalled_pipeline_and_honours_preemption():
+  import threading
+  import types
+
+  gate = threading.Event()
+
+  def stalled():
+    yield {"x": 1}
+    gate.wait()          # a hung mount: next() never returns on its own
+    yield {"x": 2}
+
+  waiter = train_lib._BatchWaiter(stalled(), limit_s=0.6, what="shards a, b", poll_s=0.05)
+  assert waiter.next() == {"x": 1}
+  with pytest.raises(train_lib.DataStalled, match="shards a, b"):
+    waiter.next()
+  gate.set()
+  waiter.close()
+
+  gate2 = threading.Event()
+
+  def stalled2():
+    gate2.wait()
+    yield {"x": 3}
+
+  flag = types.SimpleNamespace(requested=False)
+  waiter = train_lib._BatchWaiter(stalled2(), limit_s=0, what="s", poll_s=0.05)
+  timer = threading.Timer(0.3, lambda: setattr(flag, "requested", True))
+  timer.start()
+  assert waiter.next(flag) is None   # SIGTERM while waiting: stop, do not save
+  gate2.set()
+  waiter.close()
