@@ -426,6 +426,22 @@ def _view(padded: Image.Image, rng: np.random.Generator, s: float,
   return img
 
 
+def _paste_query_view(padded: Image.Image, bg: Image.Image, rng: np.random.Generator
+                      ) -> tuple[float, tuple[int, int, int, int]]:
+  """Pastes a query-strength view of a scene, 45-75% of each side, onto `bg` in place.
+
+  Returns the view's strength and (x0, y0, width, height) of the pasted region.
+  """
+  bw, bh = bg.size
+  s = rng.uniform(*_QUERY_STRENGTH)
+  vw = int(rng.integers(round(0.45 * bw), round(0.75 * bw) + 1))
+  vh = int(rng.integers(round(0.45 * bh), round(0.75 * bh) + 1))
+  view = _view(padded, rng, s, (vw, vh))
+  x0, y0 = int(rng.integers(0, bw - vw + 1)), int(rng.integers(0, bh - vh + 1))
+  bg.paste(view, (x0, y0))
+  return s, (x0, y0, vw, vh)
+
+
 def _jpeg(img: Image.Image, rng: np.random.Generator, s: float) -> bytes:
   buf = io.BytesIO()
   img.save(buf, "JPEG", quality=int(rng.integers(int(92 - 30 * s), 96)))
@@ -780,12 +796,7 @@ def _write_test(out: str, spec: DemoSpec) -> dict[str, Any]:
       bg_index = lm * spec.queries_per_landmark + q
       bg = _view(_padded(scene_image(spec.seed, _BACKGROUND, bg_index)), rng,
                  rng.uniform(0.2, 0.5), (bw, bh))
-      s = rng.uniform(*_QUERY_STRENGTH)
-      vw = int(rng.integers(round(0.45 * bw), round(0.75 * bw) + 1))
-      vh = int(rng.integers(round(0.45 * bh), round(0.75 * bh) + 1))
-      view = _view(padded, rng, s, (vw, vh))
-      x0, y0 = int(rng.integers(0, bw - vw + 1)), int(rng.integers(0, bh - vh + 1))
-      bg.paste(view, (x0, y0))
+      s, (x0, y0, vw, vh) = _paste_query_view(padded, bg, rng)
       image_id = _image_id(spec.seed, "query", lm, q)
       save(image_id, _jpeg(bg, rng, s))
       queries.append((image_id, lm, [float(x0), float(y0), float(x0 + vw), float(y0 + vh)]))
@@ -882,12 +893,7 @@ def _write_test_mixed(out: str, spec: DemoSpec) -> dict[str, Any]:
       bg_index = int(rng.integers(spec.num_backgrounds))
       bg = _view(assets.padded(_BACKGROUND_TEST, bg_index), rng,
                  rng.uniform(*_BACKGROUND_STRENGTH), (bw, bh))
-      s = rng.uniform(*_QUERY_STRENGTH)
-      vw = int(rng.integers(round(0.45 * bw), round(0.75 * bw) + 1))
-      vh = int(rng.integers(round(0.45 * bh), round(0.75 * bh) + 1))
-      view = _view(padded, rng, s, (vw, vh))
-      x0, y0 = int(rng.integers(0, bw - vw + 1)), int(rng.integers(0, bh - vh + 1))
-      bg.paste(view, (x0, y0))
+      s, (x0, y0, vw, vh) = _paste_query_view(padded, bg, rng)
       image_id = _image_id(spec.seed, "query", lm, q)
       save(image_id, _jpeg(bg, rng, s), bg, "scene")
       queries.append((image_id, key, [float(x0), float(y0), float(x0 + vw), float(y0 + vh)]))
