@@ -179,8 +179,8 @@ def _resolve_config(req: Request, config):
   """`config`, else the run's saved one (--workdir) or the defaults; plus the overrides."""
   if config is None:
     if req.workdir:
-      from qaff_jax import train_lib  # pylint: disable=import-outside-toplevel
-      config = train_lib.load_config(req.workdir)
+      from qaff_jax import state as state_lib
+      config = state_lib.load_config(req.workdir)
     else:
       from qaff_jax import config_lib  # pylint: disable=import-outside-toplevel
       config = config_lib.base_config()  # search / re-ranking defaults

@@ -56,8 +56,8 @@ def evaluate_descriptors(q: np.ndarray, db: np.ndarray, gnd) -> dict:
 
 def evaluate_state(config, graphdef, state, mesh, workdir: str) -> dict:
   """Evaluates the network in `state` on every dataset in `config.eval.datasets`."""
-  from qaff_jax import train_lib  # state layout lives with the trainer
-  net = train_lib.merge_model(graphdef, state, train=False)
+  from qaff_jax import state as state_lib
+  net = state_lib.merge_model(graphdef, state, train=False)
   forward = extract_lib.make_forward(net, mesh, keys=("descriptor", "fusion_weights"))
   out_dir = os.path.join(workdir, "eval")
   results = {}

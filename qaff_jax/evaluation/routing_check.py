@@ -94,12 +94,13 @@ def check_run(workdir: str, train_files: str, max_images: int = 96) -> dict[str,
   """Loads the run's latest checkpoint and computes `hits` on boxed training records."""
   import jax.numpy as jnp
   from flax import nnx
-  from qaff_jax import losses, train_lib
+  from qaff_jax import losses
+  from qaff_jax import state as state_lib
   from qaff_jax.evaluation import runner
   from qaff_jax.data import transforms
   from qaff_jax.models import qaff
 
-  config = train_lib.load_config(workdir)
+  config = state_lib.load_config(workdir)
   if config.model.head != "qaff":
     raise ValueError(f"{workdir}: model.head={config.model.head!r}; the check needs a QAFF run")
   config, graphdef, state, _, step = runner.load_state(workdir, config)

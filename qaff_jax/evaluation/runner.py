@@ -43,17 +43,17 @@ def load_state(workdir: str, config=None, step: int | None = None):
 
   The config defaults to the run's saved `config.json`; the step to the latest.
   """
-  from qaff_jax import train_lib  # the state layout is the trainer's
-  config = config if config is not None else train_lib.load_config(workdir)
+  from qaff_jax import state as state_lib
+  config = config if config is not None else state_lib.load_config(workdir)
   mesh = parallel.make_mesh(config.mesh.model)
-  tx, _ = train_lib.make_optimizer(config)
+  tx, _ = state_lib.make_optimizer(config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6,
                                async_save=False)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
-    graphdef, abstract, _ = train_lib.abstract_train_state(config, mesh, tx)
+    graphdef, abstract, _ = state_lib.abstract_train_state(config, mesh, tx)
     state = ckpt.restore_model(step, abstract)
   finally:
     ckpt.close()
@@ -62,9 +62,9 @@ def load_state(workdir: str, config=None, step: int | None = None):
 
 def load_network(workdir: str, config=None, step: int | None = None):
   """(config, eval-mode network, mesh, step) from the run in `workdir`."""
-  from qaff_jax import train_lib
+  from qaff_jax import state as state_lib
   config, graphdef, state, mesh, step = load_state(workdir, config, step)
-  return config, train_lib.merge_model(graphdef, state, train=False), mesh, step
+  return config, state_lib.merge_model(graphdef, state, train=False), mesh, step
 
 
 # ---------------------------------------------------------------------------
