@@ -426,6 +426,16 @@ def _view(padded: Image.Image, rng: np.random.Generator, s: float,
   return img
 
 
+def _scene_db_views(spec: "DemoSpec", lm: int, padded: Image.Image, lo: int, hi: int
+                    ) -> Iterator[tuple[str, Image.Image, bytes, str]]:
+  """The database views of test scene `lm`: (image_id, image, JPEG bytes, level)."""
+  for v, level in enumerate(_levels(spec.db_views_per_landmark)):
+    rng = _rng(spec.seed, 100 + _TEST, lm, v)
+    s = rng.uniform(*_LEVELS[level])
+    img = _view(padded, rng, s, _size(rng, lo, hi))
+    yield _image_id(spec.seed, "db", lm, v), img, _jpeg(img, rng, s), level
+
+
 def _paste_query_view(padded: Image.Image, bg: Image.Image, rng: np.random.Generator
                       ) -> tuple[float, tuple[int, int, int, int]]:
   """Pastes a query-strength view of a scene, 45-75% of each side, onto `bg` in place.
@@ -783,12 +793,8 @@ def _write_test(out: str, spec: DemoSpec) -> dict[str, Any]:
   queries = []  # (image_id, landmark, bbx)
   for lm in range(spec.num_test_landmarks):
     padded = _padded(scene_image(spec.seed, _TEST, lm))
-    for v, level in enumerate(_levels(spec.db_views_per_landmark)):
-      rng = _rng(spec.seed, 100 + _TEST, lm, v)
-      s = rng.uniform(*_LEVELS[level])
-      img = _view(padded, rng, s, _size(rng, db_lo, db_hi))
-      image_id = _image_id(spec.seed, "db", lm, v)
-      save(image_id, _jpeg(img, rng, s))
+    for image_id, img, data, level in _scene_db_views(spec, lm, padded, db_lo, db_hi):
+      save(image_id, data)
       db.append((image_id, lm, level))
     for q in range(spec.queries_per_landmark):
       rng = _rng(spec.seed, 200 + _TEST, lm, q)
@@ -880,12 +886,8 @@ def _write_test_mixed(out: str, spec: DemoSpec) -> dict[str, Any]:
   for lm in range(spec.num_test_landmarks):
     key = ("scene", lm)
     padded = _padded(scene_image(spec.seed, _TEST, lm))
-    for v, level in enumerate(_levels(spec.db_views_per_landmark)):
-      rng = _rng(spec.seed, 100 + _TEST, lm, v)
-      s = rng.uniform(*_LEVELS[level])
-      img = _view(padded, rng, s, _size(rng, db_lo, db_hi))
-      image_id = _image_id(spec.seed, "db", lm, v)
-      save(image_id, _jpeg(img, rng, s), img, "scene")
+    for image_id, img, data, level in _scene_db_views(spec, lm, padded, db_lo, db_hi):
+      save(image_id, data, img, "scene")
       db.append((image_id, key, level))
     for q in range(spec.queries_per_landmark):
       rng = _rng(spec.seed, 200 + _TEST, lm, q)
