@@ -50,17 +50,40 @@ def maybe_initialize_distributed() -> None:
 
 
 def make_mesh(model_axis: int = 1, devices=None) -> Mesh:
-  """A (`data`, `model`) mesh over `devices` (default: all); `data` takes what `model` leaves."""
+  """A (`data`, `model`) mesh over `devices` (default: all); `data` takes what `model` leaves.
+
+  THE one mesh builder: `devices` may be this machine's devices or the
+  compile-only devices of a TPU topology (`qaff_jax.aot`), so a pod's program
+  is built exactly as training builds it. The device order follows the chips'
+  physical layout (`jax.make_mesh`); where that layout cannot be assigned (a
+  `model` axis that splits a torus axis, or the compile-only v4 topology,
+  which lists one device per TensorCore), the devices are taken in
+  (process, chip coordinates, core) order: a valid mesh, perhaps with longer
+  ICI paths.
+  """
   devices = jax.devices() if devices is None else list(devices)
   n = len(devices)
   if model_axis < 1 or n % model_axis:
     raise ValueError(f"config.mesh.model={model_axis} does not divide the "
                      f"{n} available devices")
+  shape = (n // model_axis, model_axis)
   # Auto axes: XLA's partitioner places the collectives; our code only pins
   # shardings at the boundaries (inputs, state, the class-matrix logits).
   auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.make_mesh((n // model_axis, model_axis), ("data", "model"),
-                       axis_types=auto, devices=devices)
+  try:
+    return jax.make_mesh(shape, ("data", "model"), axis_types=auto, devices=devices)
+  except (AssertionError, NotImplementedError, ValueError) as err:
+    logging.info("mesh %s: no physical assignment (%s); devices in physical order",
+                 shape, str(err).splitlines()[0][:120])
+  ordered = sorted(devices, key=_physical_order)
+  return Mesh(np.array(ordered, dtype=object).reshape(shape), ("data", "model"),
+              axis_types=auto)
+
+
+def _physical_order(device) -> tuple:
+  coords = tuple(getattr(device, "coords", None) or ())
+  return (device.process_index, tuple(reversed(coords)),
+          getattr(device, "core_on_chip", 0), device.id)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -138,13 +138,28 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, graphdef,
   return new_state, metrics
 
 
+def batch_shardings(mesh) -> dict:
+  """Shardings of a global training batch (as `parallel.global_batch` makes it)."""
+  return {"image": parallel.batch_sharding(mesh, 4),
+          "label": parallel.batch_sharding(mesh, 1),
+          "skipped": parallel.batch_sharding(mesh, 1)}
+
+
+def abstract_batch(config, mesh) -> dict:
+  """Shapes, dtypes and shardings of one global batch, with no data (AOT compiles)."""
+  b, s = config.batch_size, config.data.image_size
+  shapes = {"image": ((b, s, s, 3), np.uint8), "label": ((b,), np.int32),
+            "skipped": ((b,), np.int32)}
+  sh = batch_shardings(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh[k])
+          for k, (shape, dtype) in shapes.items()}
+
+
 def jit_train_step(graphdef, tx, schedule, config, mesh, shardings):
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                            config=config, mesh=mesh)
-  data = {"image": parallel.batch_sharding(mesh, 4),
-          "label": parallel.batch_sharding(mesh, 1),
-          "skipped": parallel.batch_sharding(mesh, 1)}
-  return jax.jit(step, in_shardings=(shardings, data, parallel.replicated(mesh)),
+  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh),
+                                     parallel.replicated(mesh)),
                  out_shardings=(shardings, parallel.replicated(mesh)),
                  donate_argnums=(0,))
 
@@ -222,9 +237,10 @@ class _BatchWaiter:
     self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def check_config(config) -> None:
-  """Errors that name the config key, before anything expensive starts."""
-  if not config.data.train_files:
+def check_config(config, *, need_data: bool = True) -> None:
+  """Errors that name the config key, before anything expensive starts
+  (`need_data=False`: an ahead-of-time compile, which reads no files)."""
+  if need_data and not config.data.train_files:
     raise ValueError("config.data.train_files is empty: point it at GLDv2 shards "
                      "(a glob, a comma list, or a folder of train-*-of-* files)")
   if config.data.num_classes <= 0:

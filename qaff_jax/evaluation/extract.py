@@ -56,11 +56,10 @@ def padded_rows(n: int, batch: int, devices: int) -> int:
   return min(max(rows, devices), max(batch, devices))
 
 
-def make_forward(net: nnx.Module, mesh, keys: Sequence[str] = ("descriptor",)):
-  """A jitted `(uint8 images [B,H,W,3], mask [B,H,W]) -> {key: [B, ...]}` for `net`."""
-  graphdef, state = nnx.split(net)
-  # Inference replicates the weights on the mesh that splits the batches.
-  state = jax.device_put(state, parallel.replicated(mesh))
+def forward_program(graphdef, keys: Sequence[str] = ("descriptor",)):
+  """The jitted extraction step `(net state, uint8 images [B,H,W,3], mask [B,H,W])
+  -> {key: float32 [B, ...]}` of the network `graphdef` (compiled ahead of time
+  for a TPU topology by `qaff_jax.aot`, run by `make_forward`)."""
 
   @jax.jit
   def fwd(state, images, mask):
@@ -68,7 +67,21 @@ def make_forward(net: nnx.Module, mesh, keys: Sequence[str] = ("descriptor",)):
     out = model(transforms.normalize_jnp(images), mask=mask)
     return {k: out[k].astype(jnp.float32) for k in keys if k in out}
 
+  return fwd
+
+
+def make_forward(net: nnx.Module, mesh, keys: Sequence[str] = ("descriptor",)):
+  """A jitted `(uint8 images [B,H,W,3], mask [B,H,W]) -> {key: [B, ...]}` for `net`."""
+  graphdef, state = nnx.split(net)
+  # Inference replicates the weights on the mesh that splits the batches.
+  state = jax.device_put(state, parallel.replicated(mesh))
+  fwd = forward_program(graphdef, keys)
   return lambda images, mask: fwd(state, images, mask)
+
+
+def batch_rows(batch_size: int, devices: int) -> int:
+  """Rows of a full extraction batch: `batch_size` rounded up to the device count."""
+  return -(-batch_size // devices) * devices
 
 
 def _to_host(x) -> np.ndarray:
@@ -101,7 +114,7 @@ def extract(forward: Callable, loaders: Sequence[Callable[[], np.ndarray]],
   if len(sizes) != n:
     raise ValueError(f"{len(sizes)} sizes for {n} images")
   devices = jax.device_count()
-  global_bs = -(-batch_size // devices) * devices
+  global_bs = batch_rows(batch_size, devices)
   me = jax.process_index()
 
   # One job = (image, scale); group jobs of equal bucket into global batches.
