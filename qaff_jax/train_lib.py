@@ -169,13 +169,22 @@ def jit_train_step(graphdef, tx, schedule, config, mesh, shardings):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls (save, then exit cleanly)."""
+  """Turns SIGTERM into a flag the loop polls (save, then exit cleanly).
 
-  def __init__(self):
+  Single process only (`install=False` leaves the signal alone): in a
+  multi-process run, jax's preemption sync manager (started by
+  `jax.distributed.initialize`) owns SIGTERM and agrees on a stop step for all
+  hosts, which `should_stop` reads through the checkpoint manager.
+  """
+
+  def __init__(self, install: bool = True):
     self.requested = False
     self._previous = None
+    self._install = install
 
   def __enter__(self):
+    if not self._install:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not the main thread
@@ -235,6 +244,19 @@ class _BatchWaiter:
 
   def close(self):
     self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def should_stop(preempt: _Preemption, ckpt, step: int, process_count: int) -> bool:
+  """Whether to save and stop after `step`.
+
+  One process: its own SIGTERM flag, or the checkpoint manager's notice. Several
+  processes: ONLY the checkpoint manager's `reached_preemption`, which every
+  host answers alike for the same step; a local flag would let hosts enter the
+  collective save at different steps and hang.
+  """
+  if process_count > 1:
+    return bool(ckpt.reached_preemption(step))
+  return preempt.requested or bool(ckpt.reached_preemption(step))
 
 
 def check_config(config, *, need_data: bool = True) -> None:
@@ -318,7 +340,8 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
   waiter = _BatchWaiter(data_iter, limit_s=config.data.wait_limit_s,
                         what=f"config.data.train_files={config.data.train_files!r}")
   try:
-    with _Preemption() as preempt:
+    multi = jax.process_count() > 1
+    with _Preemption(install=not multi) as preempt:
       for step in range(start + 1, steps + 1):
         host_batch = waiter.next(preempt)
         if host_batch is None:  # SIGTERM while the input pipeline was stalled
@@ -332,7 +355,7 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
         skipped_since_log = skipped_since_log + metrics["skipped_records"]
         should_log = step % config.log_every == 0 or step == steps
         should_save = step % config.checkpoint_every == 0 or step == steps
-        stop = preempt.requested or ckpt.reached_preemption(step)
+        stop = should_stop(preempt, ckpt, step, jax.process_count())
         if should_log or should_save or stop:
           last = {k: float(v) for k, v in jax.device_get(metrics).items()}
           _finite_or_raise(last["loss"], step, ckpt.latest_step())

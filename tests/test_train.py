@@ -312,3 +312,60 @@ def test_batch_waiter_gives_up_on_a_stalled_pipeline_and_honours_preemption():
   assert waiter.next(flag) is None   # SIGTERM while waiting: stop, do not save
   gate2.set()
   waiter.close()
+
+
+class _FakeCheckpointer:
+  def __init__(self, stop_at):
+    self.stop_at = stop_at
+
+  def reached_preemption(self, step):
+    return step >= self.stop_at
+
+
+def test_several_processes_stop_only_at_the_agreed_preemption_step():
+  preempt = train_lib._Preemption(install=False)
+  preempt.requested = True          # a SIGTERM seen by this host alone
+  ckpt = _FakeCheckpointer(stop_at=7)
+  assert not train_lib.should_stop(preempt, ckpt, 5, process_count=4)
+  assert train_lib.should_stop(preempt, ckpt, 7, process_count=4)
+  # One process: its own flag is enough.
+  assert train_lib.should_stop(preempt, ckpt, 5, process_count=1)
+  preempt.requested = False
+  assert not train_lib.should_stop(preempt, ckpt, 5, process_count=1)
+
+
+def test_multi_process_runs_leave_sigterm_to_jax():
+  before = signal.getsignal(signal.SIGTERM)
+  with train_lib._Preemption(install=False):
+    assert signal.getsignal(signal.SIGTERM) is before
+  with train_lib._Preemption(install=True) as p:
+    assert signal.getsignal(signal.SIGTERM) == p._handler
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resume_on_fewer_devices_continues_the_same_run(data_root, tmp_path):
+  """Steps 1-2 on 8 devices, then 3-4 in a process with 1 device: the same
+  losses as 4 steps on 8 devices (same data stream, same state)."""
+  config = tiny_config(data_root, total_steps=4, checkpoint_every=2)
+  full = str(tmp_path / "full")
+  train_lib.train_and_evaluate(config, full)
+  moved = str(tmp_path / "moved")
+
+  def kill_at_3(step):
+    if step == 3:
+      raise _Killed()
+
+  with pytest.raises(_Killed):
+    train_lib.train_and_evaluate(config, moved, on_step=kill_at_3)
+  script = ("import sys, jax; from qaff_jax import train_lib\n"
+            "assert jax.device_count() == 1, jax.device_count()\n"
+            "train_lib.train_and_evaluate(train_lib.load_config(sys.argv[1]), sys.argv[1])\n")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script, moved], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  want, got = losses_by_step(full), losses_by_step(moved)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=2e-4, err_msg=f"step {step}")

@@ -483,6 +483,14 @@ def make_train_dataset(data_cfg: Any, *, local_batch_size: int, seed: int,
     An `IterDataset` of `{'image': uint8 [B,S,S,3], 'label': int32 [B],
     'skipped': int32 [B]}`; its iterator works with `grain.checkpoint`.
 
+  Process count: with ArrayRecord (random access) the global batches, i.e.
+  the union of all processes' batch t, are the same examples with the same
+  augmentation for any process count (while no record is skipped as corrupt:
+  a skipped record shifts only its own process's stream). TFRecord files are
+  streamed, and each process reads its own files, so there the global order
+  depends on the process count; convert with `python -m qaff_jax.data.convert`
+  where a run must give the same batches on slices of different sizes.
+
   Raises:
     FileNotFoundError: no shard matched `train_files`.
     ValueError: a process got no TFRecord file, not one of its shards holds a
@@ -542,8 +550,13 @@ def make_train_dataset(data_cfg: Any, *, local_batch_size: int, seed: int,
     ds = (grain.MapDataset.source(source)
           .shuffle(seed=seed)  # per-epoch seed = seed + epoch
           .repeat())
+    # Augmentation before the process split: its rng is keyed by the element's
+    # index in the global stream, so global batch t is the same examples with
+    # the same crops for any process count (process p takes elements
+    # p, p + P, ...; its batch t holds global elements t*G .. (t+1)*G - 1 for
+    # global batch G = P * local batch).
+    ds = ds.random_map(transform, seed=aug_seed)
     ds = ds[process_index::process_count]
-    ds = ds.random_map(transform, seed=aug_seed)  # rng keyed by element index
     # Threads decode ahead; bound the buffer of decoded images (Grain's
     # default of 500 is ~400 MB per worker at 512 px).
     ds = ds.to_iter_dataset(grain.ReadOptions(
