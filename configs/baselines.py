@@ -30,17 +30,19 @@ delg  tensorflow/models research/delf (training/train.py, training/model/delg_mo
       `loss.learn_scale=True` is the learnable scale of the DELG paper as the issue states
       it (not verified here): the TF2 code creates `scale_factor` with trainable=False, so
       `--config.loss.learn_scale=False` reproduces that code.
-dolg  feymanpriv/DOLG (configs/resnet101_delg_8gpu.yaml, core/config.py,
-      core/model/dolg_model.py, evaler/infer.py): D=512 (`REDUCTION_DIM`), ArcFace s=30
-      m=0.15 (`SCALE`, `MARGIN`), SGD nesterov 0.9, lr 0.01, wd 1e-4, 5 warm-up epochs +
-      cosine, 100 epochs, global batch 64 (`TRAIN.BATCH_SIZE`, pycls' total over 8 GPUs),
-      GeM p=3 fixed (`GeneralizedMeanPooling(norm=3.0)` in the training model), local
-      branch on layer3 with fc_t 2048 -> 1024; extraction at 0.3535, 0.5, 0.7071, 1, 1.4142
-      (evaler/infer.py `SCALE_LIST`). 512 px crops follow the DOLG paper as the issue states
-      (not verified; project default): the repository yaml has `TRAIN.IM_SIZE: 224`.
-      The official `Arcface` class also applies CurricularFace's hard-example modulation
-      (running `t`): `--config.loss.name=curricularface` reproduces that code. Its
-      `SpatialAttention2d` has the multi-atrous `ASPP` call commented out.
+dolg  feymanpriv/DOLG at its last commit (configs/resnet101_delg_8gpu.yaml, core/config.py,
+      core/model/dolg_model.py, core/model/resnet.py, evaler/infer.py): D=512
+      (`REDUCTION_DIM`), s=30 m=0.15 (`SCALE`, `MARGIN`), SGD nesterov 0.9, lr 0.01,
+      wd 1e-4, 5 warm-up epochs + cosine, 100 epochs, global batch 64 (`TRAIN.BATCH_SIZE`,
+      pycls' total over 8 GPUs), learnable GeM init 3 (`GeneralizedMeanPoolingP(norm=3.0)`;
+      earlier commits had the fixed `GeneralizedMeanPooling`), local branch on layer3 with
+      fc_t 2048 -> 1024, multi-atrous module off (`MODEL.WITH_MA = False`, here
+      `model.baseline.with_ma`); extraction at 0.3535, 0.5, 0.7071, 1, 1.4142
+      (evaler/infer.py `SCALE_LIST`). The loss is CurricularFace (`loss.name`): the official
+      `Arcface` class applies CurricularFace's hard-example modulation with the running `t`
+      (`--config.loss.name=arcface` gives plain ArcFace). 512 px crops follow the DOLG
+      paper as the issue states (not verified; project default): the repository yaml has
+      `TRAIN.IM_SIZE: 224`.
 cvnet sungonce/CVNet (core/config.py, model/resnet.py; the training code is not public):
       D=2048 (`REDUCTION_DIM`), learnable GeM init 3 (`GlobalHead`:
       `GeneralizedMeanPoolingP(norm=3)`), extraction at 0.7071, 1, 1.4142
@@ -59,12 +61,17 @@ superglobal  ShihaoShao-GH/SuperGlobal (config.py, model/resnet.py,
 spca  Zy-Zhang/SpCa (config/__init__.py, config/meta.yml, networks/spca.py,
       networks/RetrievalNet.py, train.py): D=2048 (`outputdim`), K=16 tokens
       (`codebook_size`), token dim 128 (`local_dim`), 8 cross-attention heads (`Fuser`),
-      3 distance-encoding hops (argparse `multi`; config/meta.yml says 1), GeM p=3 fixed
-      (`gem`), ArcFace s=32 m=0.15 (`tau`, `margin`), SGD nesterov 0.9 with warm-up +
+      3 distance-encoding hops (argparse `multi`; config/meta.yml says 1) = A^2..A^4
+      (`distance_encoding_m`), GeM p=3 fixed (`gem`), ArcFace s=32 m=0.15 (`tau`,
+      `margin`), SGD nesterov 0.9 with warm-up +
       cosine, extraction at 1, sqrt2, 1/sqrt2 (train.py `ms`). 512 px, batch 256, lr 0.01,
       wd 1e-4, 5 warm-up epochs, 50 epochs (not verified; project default): the argparse
       defaults (batch 5, lr 1e-6, wd 1e-6, 100 epochs) are placeholders and the run
-      scripts are not in the repository.
+      scripts are not in the repository. SC-GeM follows the official forward and init
+      (torch LayerNorm, erf GELU, no pre-MLP norm; `model.qaff.hops_from_one`,
+      `legacy_layernorm`, `fuser_mlp_norm`, `gelu_tanh`, `legacy_init` restore this
+      project's earlier variant). An authors' checkpoint imports with
+      `python -m qaff_jax.convert --from spca.pth --arch spca_r101 --out DIR`.
 madacos  bassyess/CFCD stage 1 (configs/resnet101_cfcd_s1_8gpu.yaml, core/config.py,
       core/model/model_s1.py, evaler/infer.py): MadaCos alpha 0.02 (`HEADS.ALPHA`), D=512,
       GeM p=3 fixed, 512 px, global batch 128, SGD nesterov 0.9, lr 0.005, wd 1e-4,
@@ -72,6 +79,10 @@ madacos  bassyess/CFCD stage 1 (configs/resnet101_cfcd_s1_8gpu.yaml, core/config
       CFCD's stage 2 (local-feature fusion + triplet) and the BatchNorm1d after its
       whitening FC are not reproduced (head 'gem').
 qaff  ours: configs/gldv2.py unchanged (head 'qaff').
+
+PyTorch-trained recipes (gem, dolg, cvnet, superglobal, spca, madacos) set
+`model.bn_torch_stats=True`: torch's BatchNorm running-variance update (unbiased batch
+variance) instead of Flax's biased one. DELG (TensorFlow/Keras) keeps the default.
 
 Not expressible in this trainer, so only documented: DELG's plain (non-nesterov) momentum
 and linear lr decay (here: nesterov, cosine); pycls' warm-up from 0.1 x lr (here from 0);
@@ -97,7 +108,7 @@ def _gldv2():
 
 
 def _gem(c):
-  c.model.update(dict(head="gem", dim=2048, gem_p=3.0, learn_p=False))
+  c.model.update(dict(head="gem", dim=2048, gem_p=3.0, learn_p=False, bn_torch_stats=True))
   c.loss.update(dict(name="arcface", scale=32.0, margin=0.15))
   c.eval.scales = SCALES_3
 
@@ -115,9 +126,9 @@ def _delg(c):
 
 
 def _dolg(c):
-  c.model.update(dict(head="dolg", dim=512, gem_p=3.0, learn_p=False))
-  c.model.baseline.local_dim = 1024
-  c.loss.update(dict(name="arcface", scale=30.0, margin=0.15))
+  c.model.update(dict(head="dolg", dim=512, gem_p=3.0, learn_p=True, bn_torch_stats=True))
+  c.model.baseline.update(dict(local_dim=1024, with_ma=False))
+  c.loss.update(dict(name="curricularface", scale=30.0, margin=0.15))
   c.batch_size = 64
   c.num_epochs = 100.0
   c.optim.update(dict(lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0))
@@ -125,7 +136,7 @@ def _dolg(c):
 
 
 def _cvnet(c):
-  c.model.update(dict(head="cvnet", dim=2048, gem_p=3.0, learn_p=True))
+  c.model.update(dict(head="cvnet", dim=2048, gem_p=3.0, learn_p=True, bn_torch_stats=True))
   c.loss.name = "curricularface"
   c.eval.scales = SCALES_3
 
@@ -142,7 +153,7 @@ def _superglobal(c):
 
 
 def _spca(c):
-  c.model.update(dict(head="spca", dim=2048, gem_p=3.0, learn_p=False))
+  c.model.update(dict(head="spca", dim=2048, gem_p=3.0, learn_p=False, bn_torch_stats=True))
   c.model.qaff.update(dict(num_tokens=16, token_dim=128, hops=3, heads=8))
   c.loss.update(dict(name="arcface", scale=32.0, margin=0.15))
   c.optim.momentum = 0.9
@@ -150,7 +161,7 @@ def _spca(c):
 
 
 def _madacos(c):
-  c.model.update(dict(head="gem", dim=512, gem_p=3.0, learn_p=False))
+  c.model.update(dict(head="gem", dim=512, gem_p=3.0, learn_p=False, bn_torch_stats=True))
   c.loss.update(dict(name="madacos", madacos_alpha=0.02))
   c.data.image_size = 512
   c.batch_size = 128

@@ -122,18 +122,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.learn_p = True
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
-  # QAFF head (model.head='qaff'; SC-GeM settings also serve head='spca').
+  # BatchNorm statistics as PyTorch computes them: two-pass batch variance, and the
+  # running variance updated with the unbiased (n/(n-1)) batch variance. The
+  # recipes of PyTorch-trained methods turn it on; off = Flax's (biased) update.
+  c.model.bn_torch_stats = False
+  # QAFF head (model.head='qaff'; SC-GeM settings also serve head='spca'). The
+  # last five switch SC-GeM away from the official SpCa code (all off =
+  # official; see models.spca.Deviations).
   c.model.qaff = ml_collections.ConfigDict(dict(
       grid=3, scales=(0.5, 0.75, 1.5), fusion="adaptive", temperature=1.0,
       global_pool="scgem", projection="per_type", num_tokens=16, token_dim=128,
       hops=3, heads=8, mlp_hidden=256, attn_dim=64, route_weight=0.0, route_tau=1.0,
-      route_over="features", route_signal="loss", entropy_weight=0.0, fusion_lr_mult=1.0))
+      route_over="features", route_signal="loss", entropy_weight=0.0, fusion_lr_mult=1.0,
+      hops_from_one=False, legacy_layernorm=False, fuser_mlp_norm=False,
+      gelu_tanh=False, legacy_init=False))
   # Baseline heads 'dolg' and 'superglobal' (models.baselines.BaselineSettings);
-  # local_in_features None = half the map's channels (an int may override it).
+  # local_in_features None = half the map's channels (an int may override it);
+  # with_ma = DOLG's MODEL.WITH_MA (multi-atrous module; off in its released code).
   c.model.baseline = ml_collections.ConfigDict(dict(
       local_dim=1024,
       local_in_features=ml_collections.FieldReference(None, field_type=int),
-      aspp_dim=512, dilations=(6, 12, 18), aspp_pointwise=True,
+      with_ma=False, aspp_dim=512, dilations=(6, 12, 18), aspp_pointwise=True,
       gemp_p=4.6, rgem_p=2.5, rgem_size=5, rgem_blend=0.5, relu_floor=0.0))
 
   c.loss = ml_collections.ConfigDict()

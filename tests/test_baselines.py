@@ -21,7 +21,7 @@ from qaff_jax import losses, losses_baselines as lb, models, parallel
 from qaff_jax.models import baselines
 
 D = 16
-SMALL_DOLG = dict(local_dim=16, aspp_dim=8, dilations=(1, 2, 3))
+SMALL_DOLG = dict(local_dim=16, with_ma=True, aspp_dim=8, dilations=(1, 2, 3))
 
 
 def _rngs(seed: int = 0) -> nnx.Rngs:
@@ -77,6 +77,9 @@ def test_settings_defaults_reading_and_errors():
     baselines.settings_from_config({"baseline": {"rgem_size": 4}})
   with pytest.raises(ValueError, match="model.baseline.relu_floor"):
     baselines.settings_from_config({"baseline": {"relu_floor": -1.0}})
+  assert s.with_ma is False  # DOLG's MODEL.WITH_MA default
+  with pytest.raises(ValueError, match="model.baseline.with_ma"):
+    baselines.settings_from_config({"baseline": {"with_ma": 1}})
 
 
 # ---------------------------------------------------------------- SuperGlobal
@@ -153,8 +156,8 @@ def test_superglobal_head_matches_numpy_pipeline(relu_floor):
     cells = x[b, :hv, :wv]
     if relu_floor:
       cells = np.maximum(cells, relu_floor)
-    reg = _np_regional(cells).reshape(-1, c)
-    pooled = _np_l2(np.mean(np.maximum(reg, 1e-6) ** 4.6, axis=0) ** (1 / 4.6))
+    reg = _np_regional(cells, eps=1e-8).reshape(-1, c)
+    pooled = _np_l2(np.mean(np.maximum(reg, 1e-8) ** 4.6, axis=0) ** (1 / 4.6))
     np.testing.assert_allclose(out["pooled"][b], pooled, rtol=1e-4, atol=1e-6)
     want = _np_l2(_linear(head.whiten, pooled))
     np.testing.assert_allclose(out["descriptor"][b], want, rtol=1e-4,
@@ -214,6 +217,36 @@ def test_dolg_orthogonal_fusion_and_outputs():
   want = fl - np.einsum("bhwc,bc->bhw", fl, g)[..., None] / (g ** 2).sum() * g
   np.testing.assert_allclose(baselines.orthogonal_component(fl, g), want,
                              rtol=1e-5, atol=1e-6)
+
+
+def test_dolg_without_multi_atrous_matches_numpy():
+  """MODEL.WITH_MA off (the released DOLG): layer3 -> SpatialAttention2d
+  (conv1 C3 -> Cl, BN, softplus score) directly; GeM with learnable p."""
+  head = _dolg_head(with_ma=False)
+  assert head.multi_atrous is None
+  assert head.attention.conv1.kernel[...].shape == (1, 1, 6, 16)
+  assert isinstance(head.pool.p, nnx.Param)
+  head.eval()  # BN on its initial running statistics (mean 0, var 1)
+  x4, x3 = _map((2, 3, 3, 12), 3), _map((2, 6, 6, 6), 4)
+  out = _run(head, x4, None, {"layer3": x3})
+  att = head.attention
+  w1 = np.asarray(att.conv1.kernel[...], np.float64)[0, 0]
+  y = x3.astype(np.float64) @ w1 + np.asarray(att.conv1.bias[...])
+  y = y / np.sqrt(1.0 + 1e-5)
+  normed = y / np.linalg.norm(y, axis=-1, keepdims=True)
+  w2 = np.asarray(att.conv2.kernel[...], np.float64)[0, 0]
+  score = np.log1p(np.exp(np.maximum(y, 0) @ w2 + np.asarray(att.conv2.bias[...])))
+  fl = score * normed
+  fg = _linear(head.global_fc, np.mean(np.maximum(x4, 1e-6) ** 3.0,
+                                       axis=(1, 2)) ** (1 / 3))
+  orth = fl - (np.einsum("bhwc,bc->bhw", fl, fg) / (fg ** 2).sum(-1)[:, None, None]
+               )[..., None] * fg[:, None, None, :]
+  want = _np_l2(_linear(head.fuse_fc, np.concatenate(
+      [fg, orth.mean(axis=(1, 2))], axis=-1)))
+  np.testing.assert_allclose(out["descriptor"], want, rtol=1e-4, atol=1e-5)
+  with_ma = _dolg_head(with_ma=True)
+  assert with_ma.multi_atrous is not None
+  assert with_ma.attention.conv1.kernel[...].shape == (1, 1, 16, 16)
 
 
 def test_dolg_padded_maps_with_mask_equal_unpadded_in_eval():

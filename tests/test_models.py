@@ -344,3 +344,58 @@ def test_relu_plus_floors_stages_one_to_three_only():
   assert jax.tree.structure(nnx.state(net)) == jax.tree.structure(nnx.state(plain))
   with pytest.raises(ValueError, match="model.relu_floor"):
     models.build_model({**cfg, "backbone": "vit_tiny"}, rngs=nnx.Rngs(0))
+
+
+def test_torch_stats_batchnorm_running_var_is_unbiased():
+  """model.bn_torch_stats: torch's running-variance update (n / (n - 1))."""
+  x = np.asarray(_images((4, 5, 6, 3), seed=2)) * 3.0 + 1.0
+  n = 4 * 5 * 6
+  xv = x.reshape(-1, 3).astype(np.float64)
+  mean, biased = xv.mean(0), xv.var(0)
+  torch_bn = resnet.batch_norm(3, torch_stats=True, rngs=nnx.Rngs(0))
+  flax_bn = resnet.batch_norm(3, rngs=nnx.Rngs(0))
+  assert isinstance(torch_bn, resnet.TorchStatsBatchNorm)
+  assert type(flax_bn) is nnx.BatchNorm
+  y_torch, y_flax = torch_bn(jnp.asarray(x)), flax_bn(jnp.asarray(x))
+  # Training output: both normalise with the biased batch variance.
+  want = (x - mean) / np.sqrt(biased + 1e-5)
+  np.testing.assert_allclose(y_torch, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y_flax, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(torch_bn.mean[...], 0.1 * mean, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(torch_bn.var[...], 0.9 + 0.1 * biased * n / (n - 1),
+                             rtol=1e-5)
+  np.testing.assert_allclose(flax_bn.var[...], 0.9 + 0.1 * biased, rtol=1e-5)
+  # Eval mode uses the running statistics, as nnx.BatchNorm.
+  torch_bn.eval()
+  np.testing.assert_allclose(
+      torch_bn(jnp.asarray(x)),
+      (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * biased * n / (n - 1) + 1e-5),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_bn_torch_stats_reaches_every_batchnorm_after_one_step():
+  """One jitted train-mode forward (what a train step runs): the stem BN's
+  running var equals the unbiased NumPy variance of its input."""
+  model = models.build_model(_cfg(bn_torch_stats=True, head="dolg", dim=8,
+                                  baseline=dict(local_dim=8)), rngs=nnx.Rngs(0))
+  bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+  assert bns and all(isinstance(m, resnet.TorchStatsBatchNorm) for m in bns)
+  assert isinstance(model.head.attention.bn, resnet.TorchStatsBatchNorm)
+  assert type(models.build_model(_cfg(), rngs=nnx.Rngs(0)).backbone.bn1) is nnx.BatchNorm
+  x = _images((2, 32, 32, 3), seed=4)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, x):
+    m = nnx.merge(graphdef, state)
+    m(x)
+    return nnx.state(m)
+
+  new = nnx.merge(graphdef, step(state, x))
+  conv = np.asarray(model.backbone.conv1(x), np.float64).reshape(-1, 16)
+  n = conv.shape[0]
+  np.testing.assert_allclose(new.backbone.bn1.var[...],
+                             0.9 + 0.1 * conv.var(0) * n / (n - 1), rtol=1e-5)
+  with pytest.raises(ValueError, match="model.bn_torch_stats"):
+    models.build_model(_cfg(backbone="vit_tiny", bn_torch_stats=True),
+                       rngs=nnx.Rngs(0))

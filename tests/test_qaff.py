@@ -241,10 +241,10 @@ def test_scale_resampling_and_gem_match_numpy():
 
 
 def _np_soft_assignment(x, mask, kernel, templates, ln_scale, ln_bias,
-                        mix_logits, log_var, delta=spca.ASSIGN_DELTA):
+                        mix_logits, log_var, delta=spca.ASSIGN_DELTA, eps=1e-5):
   b, h, w, _ = x.shape
   n_cells, k_tokens = h * w, templates.shape[0]
-  mu = _np_layer_norm(templates) * ln_scale + ln_bias
+  mu = _np_layer_norm(templates, eps) * ln_scale + ln_bias
   pi = np.exp(mix_logits) / np.exp(mix_logits).sum()
   var = np.exp(log_var)
   resp = np.zeros((b, n_cells, k_tokens))
@@ -261,8 +261,8 @@ def _np_soft_assignment(x, mask, kernel, templates, ln_scale, ln_bias,
   return resp, spatial / spatial.sum(axis=1, keepdims=True)
 
 
-def _np_distance_encoding(spatial, mask, h, w, hops):
-  """Explicit A (valid cells only), matrix powers, LayerNorm per cell."""
+def _np_distance_encoding(spatial, mask, h, w, hops, first=2):
+  """Explicit A (valid cells only), powers A^first .. A^(first+hops-1)."""
   b, n_cells, k_tokens = spatial.shape
   cells = [(y, u) for y in range(h) for u in range(w)]
   e = np.array([[math.exp(-math.hypot(yi - yj, ui - uj))
@@ -275,16 +275,22 @@ def _np_distance_encoding(spatial, mask, h, w, hops):
       if m[j]:
         col = np.array([e[i, j] * m[i] for i in range(n_cells)])
         a[:, j] = col / col.sum()
-    for t in range(1, hops + 1):
+    for i, t in enumerate(range(first, first + hops)):
       p_t = spatial[n].T @ np.linalg.matrix_power(a, t)      # [K, N]
-      out[n, :, (t - 1) * k_tokens:t * k_tokens] = p_t.T
+      out[n, :, i * k_tokens:(i + 1) * k_tokens] = p_t.T
   return out
 
 
-def test_scgem_soft_assignment_distance_encoding_and_identity_fuser():
+@pytest.mark.parametrize("legacy", [False, True])
+def test_scgem_soft_assignment_distance_encoding_and_fuser(legacy):
+  """Official hops A^2.. and torch LayerNorm; or the earlier variant (hops
+  from A^1, eps 1e-6, identity fuser at init). tests/test_spca_parity.py
+  checks the whole official forward."""
   h, w = 5, 6
+  dev = spca.Deviations(hops_from_one=legacy, legacy_layernorm=legacy,
+                        legacy_init=legacy)
   module = _init(lambda: spca.SCGeM(C, num_tokens=4, token_dim=8, hops=3,
-                                    heads=8, rngs=_rngs()))
+                                    heads=8, deviations=dev, rngs=_rngs()))
   rng = np.random.default_rng(3)
   _set(module.assign.mix_logits, rng.normal(size=4))
   _set(module.assign.log_var, rng.normal(size=4) + 2.0)
@@ -301,23 +307,29 @@ def test_scgem_soft_assignment_distance_encoding_and_identity_fuser():
       x, mask, np.asarray(a.proj.kernel[...]), np.asarray(a.templates[...]),
       np.asarray(a.template_norm.scale[...]),
       np.asarray(a.template_norm.bias[...]), np.asarray(a.mix_logits[...]),
-      np.asarray(a.log_var[...]))
+      np.asarray(a.log_var[...]), eps=1e-6 if legacy else 1e-5)
   assert 0.05 < resp.max(-1).mean() < 0.99   # a soft, not one-hot, case
   np.testing.assert_allclose(ctx["responsibility"], resp, rtol=1e-4,
                              atol=1e-6)
   np.testing.assert_allclose(ctx["spatial"], spatial, rtol=1e-4, atol=1e-9)
   np.testing.assert_allclose(np.asarray(ctx["spatial"]).sum(1), 1.0,
                              rtol=1e-5)
-  enc = _np_distance_encoding(spatial, mask, h, w, 3)
-  encode = jax.jit(spca.distance_encoding, static_argnums=(2, 3, 4))
+  first = 1 if legacy else 2
+  enc = _np_distance_encoding(spatial, mask, h, w, 3, first)
+  encode = jax.jit(spca.distance_encoding, static_argnums=(2, 3, 4, 5))
   np.testing.assert_allclose(
-      encode(jnp.asarray(spatial, jnp.float32), mask, h, w, 3), enc,
+      encode(jnp.asarray(spatial, jnp.float32), mask, h, w, 3, first), enc,
       rtol=1e-4, atol=1e-9)
   # The encoding is LayerNorm'd per cell (scale 1, bias 0 at init).
-  np.testing.assert_allclose(ctx["encoding"], _np_layer_norm(enc),
+  np.testing.assert_allclose(ctx["encoding"],
+                             _np_layer_norm(enc, 1e-6 if legacy else 1e-5),
                              rtol=1e-3, atol=1e-4)
-  # Both zero-initialised output layers: the fuser is exactly the identity.
-  np.testing.assert_array_equal(ctx["map"], x)
+  if legacy:
+    # Both zero-initialised output layers: the fuser is exactly the identity.
+    np.testing.assert_array_equal(ctx["map"], x)
+  else:
+    # Official init: only the attention output starts at zero; the MLP does not.
+    assert np.abs(np.asarray(ctx["map"]) - x).max() > 1e-3
 
 
 # ---------------------------------------------------------------- QAFF head

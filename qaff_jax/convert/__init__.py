@@ -8,8 +8,11 @@ converter per backbone family, each with a key map and a parity test:
 
   torch_resnet   torchvision / timm ResNets  -> models.resnet
   vit            timm ViT / DINOv2           -> models.vit
+  spca           official SpCa checkpoints   -> a whole head='spca' model
+                 (--arch spca_r101 / spca_r50; backbone + SC-GeM head)
 
-`.safetensors` files need no PyTorch; `.pth`/`.pt` need the `torch` extra.
+`.safetensors` files need no PyTorch; `.pth`/`.pt` need the `torch` extra and
+are read with `torch.load(weights_only=True)` (no code runs from the file).
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ from qaff_jax.convert.common import Converted
 from qaff_jax.convert.common import materialize
 from qaff_jax.convert.common import read_state_dict
 from qaff_jax.convert.common import save_backbone
+from qaff_jax.convert import spca
 from qaff_jax.convert.torch_resnet import convert_resnet
 from qaff_jax.convert.vit import convert_vit
 
 
 def converter_for(arch: str):
-  """The converter function for a `models.BACKBONES` name."""
+  """The converter function for a `models.BACKBONES` name or an SpCa arch."""
   from qaff_jax import models  # pylint: disable=import-outside-toplevel
 
+  if spca.backbone_for(arch) is not None:
+    return spca.convert_spca
   if arch not in models.BACKBONES:
     raise ConversionError(f"unknown --arch {arch!r}; choose one of "
-                          f"{sorted(models.BACKBONES)}")
+                          f"{sorted(models.BACKBONES) + sorted(spca.ARCHS)}")
   if arch.startswith("resnet"):
     return convert_resnet
   if arch.startswith("vit"):
@@ -48,6 +54,9 @@ def convert_tensors(tensors: Mapping[str, Any], arch: str, *,
   from qaff_jax import models  # pylint: disable=import-outside-toplevel
 
   convert = converter_for(arch)
+  if convert is spca.convert_spca:
+    return convert(tensors, backbone=spca.backbone_for(arch), source=source,
+                   arch=arch, allow_unused=allow_unused)
   return convert(tensors, models.BACKBONES[arch], source=source, arch=arch,
                  allow_unused=allow_unused)
 
@@ -69,7 +78,8 @@ def convert_file(path: str, arch: str, out: str, *, step: int = 0,
   converted = convert_tensors(tensors, arch, source=path,
                               allow_unused=allow_unused)
   folder = save_backbone(out, converted, step=step, info={
-      "source": os.path.abspath(path), "arch": arch})
+      "source": os.path.abspath(path), "arch": arch},
+      whole_net=spca.backbone_for(arch) is not None)
   return converted, folder
 
 
@@ -92,5 +102,5 @@ def load_backbone(folder: str, arch: str, **kwargs):
 __all__ = [
     "ConversionError", "Converted", "convert_file", "convert_resnet",
     "convert_tensors", "convert_vit", "converter_for", "load_backbone",
-    "materialize", "read_state_dict", "save_backbone",
+    "materialize", "read_state_dict", "save_backbone", "spca",
 ]

@@ -4,6 +4,7 @@ python -m qaff_jax.convert --from resnet101.safetensors --arch resnet101 \
     --out weights/resnet101
 python -m qaff_jax.train --config configs/gldv2.py:backbone=resnet101 \
     --workdir runs/r101 --init_from weights/resnet101
+python -m qaff_jax.convert --from spca.pth --arch spca_r101 --out weights/spca_r101
 """
 
 import sys
@@ -16,7 +17,9 @@ from qaff_jax import cli_util
 _FROM = flags.DEFINE_string(
     "from", None, "Source weights: .safetensors (no PyTorch needed) or "
     ".pth/.pt (needs the torch extra).")
-_ARCH = flags.DEFINE_string("arch", None, "Backbone name (models.BACKBONES).")
+_ARCH = flags.DEFINE_string("arch", None, "Backbone name (models.BACKBONES), or "
+                            "spca_r101 / spca_r50 for an official SpCa checkpoint "
+                            "(backbone + head).")
 _OUT = flags.DEFINE_string("out", None, "Output checkpoint folder (new).")
 _STEP = flags.DEFINE_integer("step", 0, "Checkpoint step number to write.")
 _STRIP = flags.DEFINE_string(

@@ -316,8 +316,13 @@ def fill(abstract: dict, value_of: Callable[[tuple[str, ...], Any], Any]
 
 
 def save_backbone(out: str, converted: Converted, *, step: int = 0,
-                  info: Mapping[str, Any] | None = None) -> str:
+                  info: Mapping[str, Any] | None = None,
+                  whole_net: bool = False) -> str:
   """Writes `converted` as an Orbax checkpoint `<out>/<step>/state`.
+
+  `whole_net`: `converted` holds the whole network ({"backbone", "head"},
+  e.g. `convert.spca`), written as `net` instead of `net.backbone`;
+  `--init_from` still takes only the backbone from it.
 
   Returns the absolute checkpoint folder (what `--init_from` takes).
 
@@ -330,8 +335,12 @@ def save_backbone(out: str, converted: Converted, *, step: int = 0,
   if os.path.isdir(out) and any(n.isdigit() for n in os.listdir(out)):
     raise ConversionError(f"{out} already holds a checkpoint; choose an empty "
                           f"--out folder")
-  tree = {"params": {"net": {"backbone": converted.params}},
-          "model_state": {"net": {"backbone": converted.model_state}}}
+  if whole_net:
+    tree = {"params": {"net": converted.params},
+            "model_state": {"net": converted.model_state}}
+  else:
+    tree = {"params": {"net": {"backbone": converted.params}},
+            "model_state": {"net": {"backbone": converted.model_state}}}
   options = ocp.CheckpointManagerOptions(create=True,
                                          enable_async_checkpointing=False)
   with ocp.CheckpointManager(out, options=options) as mngr:

@@ -12,6 +12,9 @@ Config fields read by `build_model` (an ml_collections ConfigDict or a dict):
   baseline       optional sub-dict for 'dolg' and 'superglobal', see
                  baselines.BaselineSettings
   relu_floor     ResNet ReLU+ floor (SuperGlobal: 0.014)   default 0 (off)
+  bn_torch_stats BatchNorm with torch's running-variance    default False
+                 update (resnet.TorchStatsBatchNorm; ResNet
+                 backbones and the DOLG head)
   dim            descriptor size D
   gem_p          initial GeM exponent                     default 3.0
   learn_p        GeM p trainable                          default True
@@ -126,6 +129,14 @@ def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs
       raise ValueError(f"model.relu_floor={relu_floor} (SuperGlobal's ReLU+) needs a ResNet "
                        f"backbone, not model.backbone={model_cfg['backbone']!r}.")
     extra["relu_floor"] = float(relu_floor)
+  bn_torch_stats = model_cfg.get("bn_torch_stats", False)
+  if not isinstance(bn_torch_stats, bool):
+    raise ValueError(f"model.bn_torch_stats must be a bool, got {bn_torch_stats!r}.")
+  if bn_torch_stats:
+    if not model_cfg["backbone"].startswith("resnet"):
+      raise ValueError("model.bn_torch_stats=True (torch's BatchNorm statistics) needs a "
+                       f"ResNet backbone, not model.backbone={model_cfg['backbone']!r}.")
+    extra["bn_torch_stats"] = True
   backbone = make_backbone(output_stride=output_stride, rngs=rngs,
                            dtype=dtype, param_dtype=param_dtype, **extra)
   head = make_head(model_cfg, backbone.out_features, rngs=rngs, dtype=dtype,

@@ -37,6 +37,7 @@ from flax import nnx
 
 from qaff_jax import config_lib
 from qaff_jax.models import pooling
+from qaff_jax.models import resnet
 from qaff_jax.models.heads import GeMHead, l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -60,6 +61,9 @@ class BaselineSettings:
       vector (`fc_t`, 1024 for ResNet-50/101).
     local_in_features: channels of the `layer3` map DOLG reads; None means
       half the last map's channels (true for every ResNet).
+    with_ma: DOLG's multi-atrous module before the attention (the official
+      `cfg.MODEL.WITH_MA`, False in its released config and trainer); the
+      `aspp_*` / `dilations` fields apply only when it is on.
     aspp_dim: channels of each multi-atrous branch (512 in DOLG).
     dilations: rates of the dilated 3x3 branches (6, 12, 18 in DOLG).
     aspp_pointwise: also a plain 1x1 branch, as the official code has
@@ -81,6 +85,7 @@ class BaselineSettings:
 
   local_dim: int = 1024
   local_in_features: int | None = None
+  with_ma: bool = False
   aspp_dim: int = 512
   dilations: tuple[int, ...] = (6, 12, 18)
   aspp_pointwise: bool = True
@@ -113,8 +118,9 @@ class BaselineSettings:
         or not all(_is_int(d) and d > 0 for d in dil)):
       raise bad("dilations", "must be a sequence of positive ints")
     object.__setattr__(self, "dilations", tuple(int(d) for d in dil))
-    if not isinstance(self.aspp_pointwise, bool):
-      raise bad("aspp_pointwise", "must be a bool")
+    for field in ("with_ma", "aspp_pointwise"):
+      if not isinstance(getattr(self, field), bool):
+        raise bad(field, "must be a bool")
     for field in ("gemp_p", "rgem_p"):
       v = getattr(self, field)
       if not _is_real(v) or float(v) <= 0:
@@ -255,19 +261,26 @@ class MultiAtrous(nnx.Module):
 
 
 class SpatialAttention(nnx.Module):
-  """DOLG's attention: 1x1 conv -> BN -> (L2-normalised copy n) ; ReLU ->
-  1x1 conv to one channel -> softplus score a; output a * n per cell."""
+  """DOLG's attention (`SpatialAttention2d`): 1x1 conv -> BN -> (L2-normalised
+  copy n) ; ReLU -> 1x1 conv to one channel -> softplus score a; output a * n
+  per cell."""
 
-  def __init__(self, features: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    """Builds the module (`features` in and out), BN in float32."""
+  def __init__(self, in_features: int, features: int | None = None, *,
+               bn_torch_stats: bool = False, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    """Builds the module (`in_features` in, `features` out; default the same).
+
+    BN runs in float32 (momentum 0.1 / eps 1e-5 in torch terms);
+    `bn_torch_stats` gives it torch's running-variance update
+    (`resnet.TorchStatsBatchNorm`).
+    """
+    features = in_features if features is None else features
     kw = dict(kernel_size=(1, 1), use_bias=True, kernel_init=_conv_init,
               param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
-    self.conv1 = nnx.Conv(features, features, dtype=dtype, **kw)
-    self.bn = nnx.BatchNorm(features, use_running_average=False, momentum=0.9,
-                            epsilon=1e-5, dtype=jnp.float32,
-                            param_dtype=param_dtype, rngs=rngs)
+    self.conv1 = nnx.Conv(in_features, features, dtype=dtype, **kw)
+    self.bn = resnet.batch_norm(features, torch_stats=bn_torch_stats,
+                                rngs=rngs, param_dtype=param_dtype)
     self.conv2 = nnx.Conv(features, 1, dtype=jnp.float32, **kw)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -281,14 +294,15 @@ class SpatialAttention(nnx.Module):
 class DOLGHead(nnx.Module):
   """DOLG: orthogonal fusion of a local (layer3) and a global (layer4) branch.
 
-    local   layer3 -> MultiAtrous -> SpatialAttention        f_l [B, h3, w3, Cl]
+    local   layer3 [-> MultiAtrous] -> SpatialAttention      f_l [B, h3, w3, Cl]
     global  GeM(layer4) -> Linear C4 -> Cl (`global_fc`)    f_g [B, Cl]
     orth    f_orth = f_l - (f_l . f_g / ||f_g||^2) f_g       per cell
     fuse    concat(f_g, masked mean of f_orth) -> Linear 2 Cl -> D -> L2
 
   Concatenating f_orth with the broadcast f_g and then average-pooling, as
   the paper describes, equals concatenating f_g with the pooled f_orth, which
-  is what is computed (as in the official code).
+  is what is computed (as in the official code). The multi-atrous module runs
+  only with `with_ma` (the official `MODEL.WITH_MA`, off in its release).
 
   Masks: the layer4 cell mask is used by GeM; the layer3 mask is
   `upsample_mask` of it. Invalid layer3 cells are zeroed before the convs (so
@@ -304,10 +318,11 @@ class DOLGHead(nnx.Module):
   stages: tuple[str, ...] = ("layer3",)
 
   def __init__(self, in_features: int, dim: int, *, local_in_features: int,
-               local_dim: int = 1024, aspp_dim: int = 512,
-               dilations: Sequence[int] = (6, 12, 18),
+               local_dim: int = 1024, with_ma: bool = False,
+               aspp_dim: int = 512, dilations: Sequence[int] = (6, 12, 18),
                aspp_pointwise: bool = True, p: float = 3.0,
-               learn_p: bool = True, eps: float = 1e-6, rngs: nnx.Rngs,
+               learn_p: bool = True, eps: float = 1e-6,
+               bn_torch_stats: bool = False, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32):
     """Builds the head.
 
@@ -316,21 +331,26 @@ class DOLGHead(nnx.Module):
       dim: descriptor size D (512 in DOLG).
       local_in_features: channels of the layer3 map.
       local_dim: local-branch width Cl (1024 in DOLG).
+      with_ma: whether the multi-atrous module runs before the attention.
       aspp_dim: channels of each multi-atrous branch.
       dilations: multi-atrous rates.
       aspp_pointwise: whether the multi-atrous module has a 1x1 branch.
       p: initial GeM exponent of the global branch.
       learn_p: whether p is trained.
       eps: GeM clamp.
+      bn_torch_stats: torch's running-variance update in the attention BN.
       rngs: parameter RNGs.
       dtype: compute dtype of the local-branch convs.
       param_dtype: storage dtype of the parameters.
     """
     self.multi_atrous = MultiAtrous(
         local_in_features, local_dim, branch_features=aspp_dim,
-        dilations=dilations, pointwise=aspp_pointwise, rngs=rngs, dtype=dtype,
-        param_dtype=param_dtype)
-    self.attention = SpatialAttention(local_dim, rngs=rngs, dtype=dtype,
+        dilations=dilations, pointwise=aspp_pointwise, rngs=rngs,
+        dtype=dtype, param_dtype=param_dtype) if with_ma else None
+    attention_in = local_dim if with_ma else local_in_features
+    self.attention = SpatialAttention(attention_in, local_dim,
+                                      bn_torch_stats=bn_torch_stats,
+                                      rngs=rngs, dtype=dtype,
                                       param_dtype=param_dtype)
     self.pool = pooling.GeM(p, learn_p=learn_p, eps=eps,
                             param_dtype=param_dtype)
@@ -351,7 +371,9 @@ class DOLGHead(nnx.Module):
     if mask is not None:
       local_mask = upsample_mask(mask, local.shape[1:3])
       local = local * local_mask[..., None].astype(local.dtype)
-    fl, score = self.attention(self.multi_atrous(local, local_mask))
+    if self.multi_atrous is not None:
+      local = self.multi_atrous(local, local_mask)
+    fl, score = self.attention(local)
     fg = self.global_fc(self.pool(feature_map, mask))
     orth = orthogonal_component(fl, fg)
     fused = jnp.concatenate([fg, masked_mean(orth, local_mask)], axis=-1)
@@ -506,7 +528,7 @@ class SuperGlobalHead(nnx.Module):
   def __init__(self, in_features: int, dim: int, *, p: float = 4.6,
                learn_p: bool = False, rgem_p: float = 2.5, rgem_size: int = 5,
                rgem_blend: float = 0.5, relu_floor: float = 0.0,
-               eps: float = 1e-6, rngs: nnx.Rngs, dtype=jnp.float32,
+               eps: float = 1e-8, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):
     """Builds the head.
 
@@ -519,8 +541,10 @@ class SuperGlobalHead(nnx.Module):
       rgem_size: Regional-GeM window.
       rgem_blend: Regional-GeM blend weight.
       relu_floor: ReLU+ floor at the input; 0 = off.
-      eps: clamp of GeM+ and Regional-GeM (the official GeM+ uses 1e-8;
-        1e-6 keeps x^4.6 a normal float32).
+      eps: clamp of GeM+ and Regional-GeM: 1e-8 as the official `gemp`
+        ((1e-8)^4.6 ~ 1.6e-37 is still a normal float32); the official
+        `rgem` (LPPool2d) has no clamp, which 1e-8 leaves unchanged in
+        effect ((1e-8)^2.5 = 1e-20).
       rngs: parameter RNGs.
       dtype: unused (float32 head).
       param_dtype: storage dtype of the parameters.
@@ -575,11 +599,13 @@ def build_dolg_head(model_cfg: Mapping[str, Any], in_features: int, *,
   s = settings_from_config(model_cfg)
   local_in = s.local_in_features or in_features // 2
   return DOLGHead(in_features, model_cfg["dim"], local_in_features=local_in,
-                  local_dim=s.local_dim, aspp_dim=s.aspp_dim,
-                  dilations=s.dilations, aspp_pointwise=s.aspp_pointwise,
+                  local_dim=s.local_dim, with_ma=s.with_ma,
+                  aspp_dim=s.aspp_dim, dilations=s.dilations,
+                  aspp_pointwise=s.aspp_pointwise,
                   p=model_cfg.get("gem_p", 3.0),
-                  learn_p=model_cfg.get("learn_p", True), rngs=rngs,
-                  dtype=dtype, param_dtype=param_dtype)
+                  learn_p=model_cfg.get("learn_p", True),
+                  bn_torch_stats=bool(model_cfg.get("bn_torch_stats", False)),
+                  rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
 def build_superglobal_head(model_cfg: Mapping[str, Any], in_features: int, *,

@@ -121,6 +121,9 @@ class QAFFSettings:
       loss (> 0 sharpens the weights, < 0 smooths them; 0 = off).
     fusion_lr_mult: learning-rate multiplier of the fusion parameters
       (`fusion_*` submodules).
+    hops_from_one, legacy_layernorm, fuser_mlp_norm, gelu_tanh, legacy_init:
+      SC-GeM switches away from the official SpCa code, all False by default
+      (`spca.Deviations` says what each restores and why).
   """
 
   grid: int = 3
@@ -141,6 +144,11 @@ class QAFFSettings:
   route_signal: str = "loss"
   entropy_weight: float = 0.0
   fusion_lr_mult: float = 1.0
+  hops_from_one: bool = False
+  legacy_layernorm: bool = False
+  fuser_mlp_norm: bool = False
+  gelu_tanh: bool = False
+  legacy_init: bool = False
 
   def __post_init__(self):
     """Raises ValueError naming `model.qaff.<field>` for a bad value."""
@@ -187,6 +195,11 @@ class QAFFSettings:
                 f"fusion weights: choose one of {list(LEARNED_FUSIONS)}")
     if self.fusion == "scale" and not self.scales:
       raise bad("fusion", "needs at least one of model.qaff.scales")
+    self.deviations()  # raises for a non-bool switch
+
+  def deviations(self) -> spca.Deviations:
+    """The SC-GeM switches away from the official SpCa code."""
+    return spca.Deviations(**{f: getattr(self, f) for f in spca.DEVIATION_FIELDS})
 
   @property
   def num_features(self) -> int:
@@ -444,7 +457,8 @@ class QAFFHead(nnx.Module):
       self.global_pool = spca.SCGeM(
           in_features, num_tokens=cfg.num_tokens, token_dim=cfg.token_dim,
           hops=cfg.hops, heads=cfg.heads, p=p, learn_p=learn_p, eps=eps,
-          rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+          deviations=cfg.deviations(), rngs=rngs, dtype=dtype,
+          param_dtype=param_dtype)
     else:
       self.global_pool = gem()
     self.regional_pool = gem()
@@ -587,12 +601,13 @@ def build_qaff_head(model_cfg: Mapping[str, Any], in_features: int, *,
 def build_spca_head(model_cfg: Mapping[str, Any], in_features: int, *,
                     rngs: nnx.Rngs, dtype, param_dtype) -> spca.SpCaHead:
   """HEADS['spca']: SC-GeM alone; reads model.dim, gem_p, learn_p and
-  model.qaff.{num_tokens, token_dim, hops, heads} (the rest is validated and
-  ignored)."""
+  model.qaff.{num_tokens, token_dim, hops, heads} plus the `spca.Deviations`
+  switches (the rest is validated and ignored)."""
   cfg = settings_from_config(model_cfg)
   _check_heads(cfg.heads, in_features)
   return spca.SpCaHead(
       in_features, model_cfg["dim"], num_tokens=cfg.num_tokens,
       token_dim=cfg.token_dim, hops=cfg.hops, heads=cfg.heads,
       p=model_cfg.get("gem_p", 3.0), learn_p=model_cfg.get("learn_p", True),
-      rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      deviations=cfg.deviations(), rngs=rngs, dtype=dtype,
+      param_dtype=param_dtype)

@@ -15,13 +15,17 @@ torchvision model given the same weights. Bottleneck strides on the 3x3 conv
 (torchvision "ResNet v1.5").
 
 BatchNorm runs in float32 with momentum 0.9 (torch 0.1) and eps 1e-5; its
-output is cast back to the compute dtype. Train/eval mode is NNX's standard
+output is cast back to the compute dtype. With `bn_torch_stats=True` it is
+`TorchStatsBatchNorm`: batch statistics and the running-variance update as
+torch's (two-pass variance; running var fed the unbiased n/(n-1) variance). Train/eval mode is NNX's standard
 `model.train()` / `model.eval()` (BatchNorm `use_running_average`); modules
 start in train mode, like torch.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import jax
@@ -46,23 +50,74 @@ def _conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1,
       kernel_init=_conv_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def _bn(features: int, *, rngs: nnx.Rngs, param_dtype) -> nnx.BatchNorm:
-  """BatchNorm computed in float32 (statistics and normalisation)."""
-  return nnx.BatchNorm(
-      features, use_running_average=False, momentum=BN_MOMENTUM,
-      epsilon=BN_EPSILON, dtype=jnp.float32, param_dtype=param_dtype,
-      rngs=rngs)
+class TorchStatsBatchNorm(nnx.BatchNorm):
+  """nnx.BatchNorm (channels last) with torch.nn.BatchNorm2d's statistics.
+
+  In training mode the batch is normalised with its biased variance
+  mean((x - mean)^2) (two-pass), as both libraries do, but the running
+  variance is fed the unbiased one, var * n / (n - 1) with n the elements per
+  channel (torch's update; Flax feeds the biased variance). Under `jax.jit`
+  with a sharded batch the statistics are over the global batch (torch's
+  SyncBatchNorm; plain DDP BatchNorm uses each GPU's part). Same variables
+  and names as nnx.BatchNorm, so checkpoints and converters are unchanged.
+  Eval mode is nnx.BatchNorm's.
+  """
+
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None):
+    use_running = (self.use_running_average if use_running_average is None
+                   else use_running_average)
+    if use_running:
+      return super().__call__(x, use_running_average=True, mask=mask)
+    if mask is not None:
+      raise ValueError("TorchStatsBatchNorm does not take a mask in training mode")
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axis=axes)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes)
+    n = math.prod(x.shape[:-1])
+    unbiased = var * (n / max(n - 1, 1))
+    m = self.momentum
+    self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+    self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * unbiased)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype or x.dtype)
+
+
+def batch_norm(features: int, *, torch_stats: bool = False, rngs: nnx.Rngs,
+               param_dtype=jnp.float32) -> nnx.BatchNorm:
+  """BatchNorm computed in float32 (momentum 0.9 = torch 0.1, eps 1e-5).
+
+  `torch_stats` selects `TorchStatsBatchNorm` (torch's running-variance
+  update) over nnx.BatchNorm.
+  """
+  cls = TorchStatsBatchNorm if torch_stats else nnx.BatchNorm
+  return cls(features, use_running_average=False, momentum=BN_MOMENTUM,
+             epsilon=BN_EPSILON, dtype=jnp.float32, param_dtype=param_dtype,
+             rngs=rngs)
+
+
+def _bn(features: int, *, rngs: nnx.Rngs, param_dtype,
+        torch_stats: bool = False) -> nnx.BatchNorm:
+  return batch_norm(features, torch_stats=torch_stats, rngs=rngs,
+                    param_dtype=param_dtype)
 
 
 def _downsample(in_features: int, out_features: int, stride: int, *,
-                rngs: nnx.Rngs, dtype, param_dtype) -> nnx.List | None:
+                rngs: nnx.Rngs, dtype, param_dtype,
+                torch_stats: bool = False) -> nnx.List | None:
   """1x1 conv + BN projection shortcut, or None when shapes already match."""
   if stride == 1 and in_features == out_features:
     return None
   return nnx.List([
       _conv(in_features, out_features, 1, stride=stride, rngs=rngs,
             dtype=dtype, param_dtype=param_dtype),
-      _bn(out_features, rngs=rngs, param_dtype=param_dtype),
+      _bn(out_features, rngs=rngs, param_dtype=param_dtype,
+          torch_stats=torch_stats),
   ])
 
 
@@ -86,16 +141,19 @@ class BasicBlock(nnx.Module):
   def __init__(self, in_features: int, width: int, *, stride: int = 1,
                dilation: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, out_floor: float = 0.0,
-               inner_floor: float = 0.0):
+               inner_floor: float = 0.0, bn_torch_stats: bool = False):
     out = width * self.expansion
     self.out_floor, self.inner_floor = float(out_floor), float(inner_floor)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    bn = functools.partial(_bn, rngs=rngs, param_dtype=param_dtype,
+                           torch_stats=bn_torch_stats)
     self.conv1 = _conv(in_features, width, 3, stride=stride, dilation=dilation,
                        **kw)
-    self.bn1 = _bn(width, rngs=rngs, param_dtype=param_dtype)
+    self.bn1 = bn(width)
     self.conv2 = _conv(width, out, 3, dilation=dilation, **kw)
-    self.bn2 = _bn(out, rngs=rngs, param_dtype=param_dtype)
-    self.downsample = _downsample(in_features, out, stride, **kw)
+    self.bn2 = bn(out)
+    self.downsample = _downsample(in_features, out, stride,
+                                  torch_stats=bn_torch_stats, **kw)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -112,17 +170,20 @@ class Bottleneck(nnx.Module):
   def __init__(self, in_features: int, width: int, *, stride: int = 1,
                dilation: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, out_floor: float = 0.0,
-               inner_floor: float = 0.0):
+               inner_floor: float = 0.0, bn_torch_stats: bool = False):
     out = width * self.expansion
     self.out_floor, self.inner_floor = float(out_floor), float(inner_floor)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    bn = functools.partial(_bn, rngs=rngs, param_dtype=param_dtype,
+                           torch_stats=bn_torch_stats)
     self.conv1 = _conv(in_features, width, 1, **kw)
-    self.bn1 = _bn(width, rngs=rngs, param_dtype=param_dtype)
+    self.bn1 = bn(width)
     self.conv2 = _conv(width, width, 3, stride=stride, dilation=dilation, **kw)
-    self.bn2 = _bn(width, rngs=rngs, param_dtype=param_dtype)
+    self.bn2 = bn(width)
     self.conv3 = _conv(width, out, 1, **kw)
-    self.bn3 = _bn(out, rngs=rngs, param_dtype=param_dtype)
-    self.downsample = _downsample(in_features, out, stride, **kw)
+    self.bn3 = bn(out)
+    self.downsample = _downsample(in_features, out, stride,
+                                  torch_stats=bn_torch_stats, **kw)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -146,7 +207,8 @@ class ResNet(nnx.Module):
                widths: Sequence[int] = (64, 128, 256, 512), *,
                stem_width: int | None = None, output_stride: int = 32,
                in_features: int = 3, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, relu_floor: float = 0.0):
+               param_dtype=jnp.float32, relu_floor: float = 0.0,
+               bn_torch_stats: bool = False):
     """Builds the trunk.
 
     Args:
@@ -165,6 +227,8 @@ class ResNet(nnx.Module):
         1-3 become max(x, relu_floor), and so do the inner activations of
         stage 1's blocks, as in the SuperGlobal code (0.014 there); stage 4
         keeps plain ReLUs. Parameters are unchanged, so any checkpoint loads.
+      bn_torch_stats: `TorchStatsBatchNorm` everywhere (torch's running
+        variance update); same variables, so any checkpoint loads.
     """
     if len(blocks) != 4 or len(widths) != 4:
       raise ValueError(f"ResNet needs 4 stages, got blocks={blocks}, "
@@ -174,7 +238,8 @@ class ResNet(nnx.Module):
     stem_width = widths[0] if stem_width is None else stem_width
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.conv1 = _conv(in_features, stem_width, 7, stride=2, **kw)
-    self.bn1 = _bn(stem_width, rngs=rngs, param_dtype=param_dtype)
+    self.bn1 = _bn(stem_width, rngs=rngs, param_dtype=param_dtype,
+                   torch_stats=bn_torch_stats)
 
     features = stem_width
     dilation = 1
@@ -191,7 +256,8 @@ class ResNet(nnx.Module):
             features, width, stride=stride if j == 0 else 1,
             dilation=previous_dilation if j == 0 else dilation,
             out_floor=relu_floor if i < 3 else 0.0,
-            inner_floor=relu_floor if i == 0 else 0.0, **kw))
+            inner_floor=relu_floor if i == 0 else 0.0,
+            bn_torch_stats=bn_torch_stats, **kw))
         features = width * block.expansion
       stages.append(nnx.List(layer))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages

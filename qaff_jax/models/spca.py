@@ -1,9 +1,12 @@
-"""SC-GeM: the spatial-context-aware global feature (after SpCa, ICCV 2023).
+"""SC-GeM: the spatial-context-aware global feature of SpCa (ICCV 2023).
 
 Zhang, Wang, Zhou, Koniusz, "Learning Spatial-context-aware Global Visual
-Feature Representation for Instance Image Retrieval". A feature map
-F [B, h, w, C] (N = h*w cells, cell n at grid coordinate (y_n, x_n)) becomes a
-descriptor in four steps:
+Feature Representation for Instance Image Retrieval". By default the forward
+pass and the initialisation follow the authors' code (Zy-Zhang/SpCa,
+networks/spca.py `Spca_layer`, `distance_encoding_m`, `Fuser`, `SpCa`;
+networks/RetrievalNet.py `Attention`, `Mlp`, `gem`). A feature map
+F [B, h, w, C] (N = h*w cells, cell n at grid coordinate (y_n, x_n)) becomes
+a descriptor in four steps:
 
 1. Online tokens (`SoftAssignment`). Cells are projected, x_n = W_p F_n
    (C -> d, no bias), and softly assigned to K learned semantic tokens by a
@@ -16,33 +19,44 @@ descriptor in four steps:
 
    a_{:,k} is token k's spatial distribution (a distribution over the valid
    cells, m_n = 1 for a valid cell); delta = 1e-8 keeps it defined for a token
-   no cell picks.
+   no cell picks. The official code stores pi and s2 themselves (`pi`, `cov`);
+   log pi_k - 1/2 log s2_k differs from its log(pi_k / sqrt(s2_k)) by a
+   constant over k, which the softmax removes, so the forward is the same
+   with l = log pi, v = log s2 (`convert.spca` maps them so).
 2. Distance encoding (`distance_encoding`). With d_ij = ||(y_i, x_i) -
    (y_j, x_j)||_2 the grid distance and E_ij = exp(-d_ij), the transition
    matrix over the valid cells is column-normalised,
 
      A_ij = m_i m_j E_ij / sum_i' m_i' E_i'j,
 
-   and hop t in 1..m propagates each token's distribution t steps:
-   P_t = a^T A^t ([K, N]). The K*m values at each cell (hop-major: channel
-   t*K + k) are LayerNorm'd and describe which tokens lie how far from it.
-   (The official code uses hops 2..m+1; we start at one hop.)
-3. Fusion (`CrossAttentionFuser`): the map cells query the context vectors
-   by multi-head cross-attention (keys/values = Linear(K*m -> C) of the
-   context, invalid cells masked out of the keys), then a pre-LayerNorm MLP
-   C -> 2C -> C; both residual. Both output layers are zero-initialised, so
-   the fuser is exactly the identity at initialisation.
-4. GeM (learnable p, mask-aware) over the fused map; `SpCaHead` adds the
-   whitening Linear (C -> D) and the L2 norm.
+   and hop t = 2 .. m+1 propagates each token's distribution t steps:
+   P_t = a^T A^t ([K, N]), as the official `distance_encoding_m`, whose
+   loop multiplies by A before it records the first map. The K*m values at
+   each cell (hop-major: channel (t-2)*K + k) are LayerNorm'd and describe
+   which tokens lie how far from it.
+3. Fusion (`CrossAttentionFuser`, the official `Fuser`): the map cells query
+   the context vectors by multi-head cross-attention (queries = LN(F),
+   keys/values = Linear(K*m -> C) of the context, invalid cells masked out of
+   the keys), then an MLP C -> 2C -> C with exact (erf) GELU; both residual:
+   F' = F + Attn(LN(F), c, c), F'' = F' + MLP(F').
+4. GeM (p = 3 fixed in the official recipe, mask-aware) over the fused map;
+   `SpCaHead` adds the whitening Linear (C -> D, with bias; the official 1x1
+   conv) and the L2 norm.
 
-The mixing weights and variances are plain learned parameters (softmax /
-exp parameterised so they stay valid); the official code's running EM-style
-template updates do not reach its output and are left out.
+LayerNorms are torch's: eps 1e-5, variance mean((x - mean)^2). The official
+running EM-style template / pi / cov updates do not reach its output and are
+left out. Masks (padded batches) are an addition: with no mask, or on the
+valid cells of a padded map, the result is the official one.
+
+`Deviations` switches individual pieces back to this project's earlier
+SC-GeM (config fields `model.qaff.<name>`, all off by default).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +70,88 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 ASSIGN_DELTA = 1e-8
 # Lower bound of normalising sums (a fully padded image divides 0 by it).
 _TINY = 1e-30
+# torch.nn.LayerNorm's default eps, and the earlier variant's (flax default).
+LAYERNORM_EPS = 1e-5
+_LEGACY_LAYERNORM_EPS = 1e-6
+# The official attention q/k/v init: trunc_normal_(std=.02, a=-2, b=2); the
+# bounds are absolute (100 std), so it is a plain normal in practice.
+_QKV_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Deviations:
+  """Switches from the official SpCa code back to this project's earlier SC-GeM.
+
+  All False (the default) is the official forward and initialisation. Each
+  field is also a `model.qaff` config field of the same name.
+
+  Attributes:
+    hops_from_one: encode hops A^1..A^m (earlier variant) instead of the
+      official A^2..A^(m+1).
+    legacy_layernorm: LayerNorm eps 1e-6 everywhere and the one-pass variance
+      E[x^2] - E[x]^2 in the template and encoding norms (earlier variant;
+      the encoding's per-cell variance is ~1e-5..3e-4, where both matter)
+      instead of torch's eps 1e-5 and two-pass variance.
+    fuser_mlp_norm: a LayerNorm before the fuser MLP (earlier pre-norm
+      variant); the official `Fuser` has none.
+    gelu_tanh: tanh-approximate GELU in the fuser MLP (earlier variant; jax's
+      default) instead of torch's exact erf GELU.
+    legacy_init: Flax default initialisers and a zero-initialised MLP output,
+      so the fuser is the identity at initialisation (earlier variant),
+      instead of the official torch initialisers.
+  """
+
+  hops_from_one: bool = False
+  legacy_layernorm: bool = False
+  fuser_mlp_norm: bool = False
+  gelu_tanh: bool = False
+  legacy_init: bool = False
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      if not isinstance(getattr(self, f.name), bool):
+        raise ValueError(f"model.qaff.{f.name}={getattr(self, f.name)!r}: "
+                         f"must be a bool.")
+
+
+DEVIATION_FIELDS = tuple(f.name for f in dataclasses.fields(Deviations))
+OFFICIAL = Deviations()
+
+
+def torch_uniform(fan_in: int):
+  """torch's default Linear/Conv init (weights and biases): U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _template_init(num_tokens: int, token_dim: int):
+  """torch xavier_uniform_ of the official [1, K, d] `clusters` tensor.
+
+  torch reads fan_in = K * d and fan_out = 1 * d from that 3-D shape, so the
+  bound is sqrt(6 / ((K + 1) d)).
+  """
+  bound = math.sqrt(6.0 / ((num_tokens + 1) * token_dim))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _layer_norm(features: int, dev: Deviations, *, fast_variance: bool,
+                rngs: nnx.Rngs, dtype, param_dtype) -> nnx.LayerNorm:
+  """torch LayerNorm (eps 1e-5, two-pass) unless `dev.legacy_layernorm`."""
+  if dev.legacy_layernorm:
+    return nnx.LayerNorm(features, epsilon=_LEGACY_LAYERNORM_EPS,
+                         use_fast_variance=fast_variance, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+  return nnx.LayerNorm(features, epsilon=LAYERNORM_EPS,
+                       use_fast_variance=False, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
 
 
 def _flat_mask(mask: jax.Array | None, batch: int, n: int) -> jax.Array:
@@ -83,25 +179,29 @@ def grid_distances(h: int, w: int) -> jax.Array:
 
 
 def distance_encoding(spatial: jax.Array, mask: jax.Array | None, h: int,
-                      w: int, hops: int) -> jax.Array:
+                      w: int, hops: int, first_hop: int = 2) -> jax.Array:
   """Multi-hop distance encoding of the tokens' spatial distributions.
 
-  P_t = a^T A^t for t = 1..hops with A_ij = m_i m_j exp(-d_ij) /
-  sum_i' m_i' exp(-d_i'j) (see the module docstring). A is never formed per
-  image: each hop is Z <- ((Z * m) @ E) * m / s with the shared E = exp(-d)
-  and s_j = sum_i m_i E_ij, i.e. O(K N^2) per hop instead of O(N^3).
-  Invalid cells get zero rows and columns, so the result on the valid cells
-  equals that of the map without its padding.
+  P_t = a^T A^t for t = first_hop .. first_hop + hops - 1 with A_ij = m_i m_j
+  exp(-d_ij) / sum_i' m_i' exp(-d_i'j) (see the module docstring; the
+  official code has first_hop = 2). A is never formed per image: each
+  multiplication is Z <- ((Z * m) @ E) * m / s with the shared E = exp(-d)
+  and s_j = sum_i m_i E_ij, i.e. O(K N^2) instead of O(N^3). Invalid cells
+  get zero rows and columns, so the result on the valid cells equals that of
+  the map without its padding.
 
   Args:
     spatial: [B, N, K] token distributions a (zero on invalid cells).
     mask: [B, h, w] (> 0 = valid) or None (all valid).
     h, w: grid size, N = h*w.
-    hops: number of hops m.
+    hops: number of recorded hops m.
+    first_hop: the power of A of the first recorded hop (>= 1).
 
   Returns:
-    [B, N, K*hops] float32, channel t*K + k = (P_{t+1})_{k, n}.
+    [B, N, K*hops] float32, channel i*K + k = (P_{first_hop + i})_{k, n}.
   """
+  if first_hop < 1:
+    raise ValueError(f"first_hop must be >= 1, got {first_hop}")
   b, n, _ = spatial.shape
   m = _flat_mask(mask, b, n)
   kernel = jnp.exp(-grid_distances(h, w))                       # E [N, N]
@@ -109,41 +209,50 @@ def distance_encoding(spatial: jax.Array, mask: jax.Array | None, h: int,
   col_scale = m / jnp.maximum(col_sum, _TINY)
   z = jnp.swapaxes(spatial.astype(jnp.float32), 1, 2)           # [B, K, N]
   hop_maps = []
-  for _ in range(hops):
+  for t in range(1, first_hop + hops):
     z = jnp.matmul(z * m[:, None, :], kernel, precision=_HIGHEST)
     z = z * col_scale[:, None, :]
-    hop_maps.append(z)
+    if t >= first_hop:
+      hop_maps.append(z)
   return jnp.swapaxes(jnp.concatenate(hop_maps, axis=1), 1, 2)
 
 
 class SoftAssignment(nnx.Module):
   """Gaussian-mixture soft assignment of map cells to K learned tokens.
 
-  Parameters: `proj` (C -> d, no bias), `templates` T [K, d] (Xavier
-  uniform), `template_norm` (LayerNorm over d), `mix_logits` l [K] (zeros:
-  pi = 1/K) and `log_var` v [K] (zeros: s2 = 1). Formulas: step 1 of the
+  Parameters (official names in brackets): `proj` C -> d, no bias
+  [`proj_kv`], `templates` T [K, d] [`clusters`], `template_norm` LayerNorm
+  over d [`norm_templates`], `mix_logits` l [K] (zeros: pi = 1/K) [log `pi`]
+  and `log_var` v [K] (zeros: s2 = 1) [log `cov`]. Formulas: step 1 of the
   module docstring. Everything after the projection runs in float32.
   """
 
   def __init__(self, in_features: int, num_tokens: int, token_dim: int, *,
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               deviations: Deviations = OFFICIAL, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
     """Builds the assignment.
 
     Args:
       in_features: channels C of the map.
       num_tokens: K.
       token_dim: d, the projected cell / template size.
+      deviations: switches away from the official code (`Deviations`).
       rngs: parameter RNGs.
       dtype: compute dtype of the projection.
       param_dtype: storage dtype of the parameters.
     """
+    dev = deviations
+    extra = {} if dev.legacy_init else {"kernel_init": torch_uniform(in_features)}
     self.proj = nnx.Linear(in_features, token_dim, use_bias=False,
-                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    init = nnx.initializers.xavier_uniform()
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                           **extra)
+    init = (nnx.initializers.xavier_uniform() if dev.legacy_init
+            else _template_init(num_tokens, token_dim))
     self.templates = nnx.Param(init(rngs.params(), (num_tokens, token_dim),
                                     param_dtype))
-    self.template_norm = nnx.LayerNorm(token_dim, dtype=jnp.float32,
-                                       param_dtype=param_dtype, rngs=rngs)
+    self.template_norm = _layer_norm(token_dim, dev, fast_variance=True,
+                                     rngs=rngs, dtype=jnp.float32,
+                                     param_dtype=param_dtype)
     self.mix_logits = nnx.Param(jnp.zeros((num_tokens,), param_dtype))
     self.log_var = nnx.Param(jnp.zeros((num_tokens,), param_dtype))
 
@@ -178,47 +287,65 @@ class SoftAssignment(nnx.Module):
 
 
 class CrossAttentionFuser(nnx.Module):
-  """Injects per-cell context vectors into the map; identity at init.
+  """Injects per-cell context vectors into the map (the official `Fuser`).
 
-    q   = LN_q(F) W_q,  k = c W_k,  v = c W_v,  c = Linear(K*m -> C)(context)
-    F' = F  + W_o MHA(q, k, v)            (keys of invalid cells masked)
-    F''= F' + W_2 gelu(W_1 LN_mlp(F'))    (C -> 2C -> C)
+    c   = Linear(K*m -> C)(context)                       [`proj`]
+    q   = LN_q(F) W_q,  k = c W_k,  v = c W_v              [`ln`, `cross_attn.q/k/v`]
+    F'  = F  + W_o MHA(q, k, v)   (keys of invalid cells masked)   [`cross_attn.proj`]
+    F'' = F' + W_2 gelu(W_1 F')   (C -> 2C -> C, erf GELU)        [`mlp.fc1/fc2`]
 
-  W_o and W_2 (and their biases) start at zero, so F'' == F at init.
-  Matmuls run in the compute dtype; attention logits, softmax and the
-  LayerNorm statistics in float32.
+  Initialisation as the official code: q/k/v normal(0.02) with zero bias,
+  W_o and its bias zero, the rest torch's default Linear init. Matmuls run in
+  the compute dtype; attention logits, softmax and the LayerNorm statistics
+  in float32. `Deviations` adds a LayerNorm before the MLP (`mlp_norm`), the
+  tanh GELU, or the earlier init (W_2 also zero: identity at init).
   """
 
   def __init__(self, dim: int, context_dim: int, *, heads: int = 8,
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               deviations: Deviations = OFFICIAL, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
     """Builds the fuser.
 
     Args:
       dim: channels C of the map (divisible by `heads`).
       context_dim: channels of the context vectors (K*m).
       heads: attention heads.
+      deviations: switches away from the official code (`Deviations`).
       rngs: parameter RNGs.
       dtype: compute dtype.
       param_dtype: storage dtype of the parameters.
     """
     if dim % heads:
       raise ValueError(f"heads={heads} must divide the map channels {dim}.")
+    dev = deviations
     self.heads = heads
     self.dtype = dtype
+    self.gelu_tanh = dev.gelu_tanh
     zeros = nnx.initializers.zeros_init()
     linear = functools.partial(nnx.Linear, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
-    norm = functools.partial(nnx.LayerNorm, dim, use_fast_variance=False,
-                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.context_proj = linear(context_dim, dim)
+
+    def torch_linear(fan_in, fan_out, **kw):
+      if dev.legacy_init:
+        return linear(fan_in, fan_out, **kw)
+      init = torch_uniform(fan_in)
+      return linear(fan_in, fan_out, **{"kernel_init": init,
+                                        "bias_init": init, **kw})
+
+    qkv = ({} if dev.legacy_init else
+           {"kernel_init": nnx.initializers.normal(_QKV_STD)})
+    norm = functools.partial(_layer_norm, dim, dev, fast_variance=False,
+                             rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.context_proj = torch_linear(context_dim, dim)
     self.query_norm = norm()
-    self.query = linear(dim, dim)
-    self.key = linear(dim, dim)
-    self.value = linear(dim, dim)
+    self.query = linear(dim, dim, **qkv)
+    self.key = linear(dim, dim, **qkv)
+    self.value = linear(dim, dim, **qkv)
     self.out = linear(dim, dim, kernel_init=zeros)
-    self.mlp_norm = norm()
-    self.mlp_in = linear(dim, 2 * dim)
-    self.mlp_out = linear(2 * dim, dim, kernel_init=zeros)
+    self.mlp_norm = norm() if dev.fuser_mlp_norm else None
+    self.mlp_in = torch_linear(dim, 2 * dim)
+    self.mlp_out = (linear(2 * dim, dim, kernel_init=zeros) if dev.legacy_init
+                    else torch_linear(2 * dim, dim))
 
   def __call__(self, feature_map: jax.Array, context: jax.Array,
                mask: jax.Array | None = None) -> jax.Array:
@@ -240,7 +367,8 @@ class CrossAttentionFuser(nnx.Module):
       key_mask = (mask.reshape(b, 1, 1, n) > 0)
     attended = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
     x = x + self.out(attended.reshape(b, n, c)).astype(x.dtype)
-    hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)))
+    hidden = x if self.mlp_norm is None else self.mlp_norm(x)
+    hidden = jax.nn.gelu(self.mlp_in(hidden), approximate=self.gelu_tanh)
     x = x + self.mlp_out(hidden).astype(x.dtype)
     return x.reshape(b, h, w, c)
 
@@ -250,12 +378,15 @@ class SCGeM(nnx.Module):
 
   `__call__` gives the pooled [B, C] vector (no whitening: the QAFF head
   projects it); `context` exposes the intermediate maps for inspection.
+  Submodules (official names in brackets): `assign` [`pos_branch`],
+  `context_norm` [`pos_branch.p_norm`], `fuser` [`fuser`], `pool` [`pooling`].
   """
 
   def __init__(self, in_features: int, *, num_tokens: int = 16,
                token_dim: int = 128, hops: int = 3, heads: int = 8,
                p: float = 3.0, learn_p: bool = True, eps: float = 1e-6,
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               deviations: Deviations = OFFICIAL, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
     """Builds SC-GeM.
 
     Args:
@@ -265,20 +396,25 @@ class SCGeM(nnx.Module):
       hops: m, hops of the distance encoding.
       heads: cross-attention heads (must divide C).
       p: initial GeM exponent.
-      learn_p: whether p is trained.
+      learn_p: whether p is trained (the official `gem` keeps p = 3 fixed).
       eps: GeM clamp.
+      deviations: switches away from the official code (`Deviations`).
       rngs: parameter RNGs.
       dtype: compute dtype of the projections and the fuser.
       param_dtype: storage dtype of the parameters.
     """
     self.hops = hops
+    self.first_hop = 1 if deviations.hops_from_one else 2
     self.assign = SoftAssignment(in_features, num_tokens, token_dim,
-                                 rngs=rngs, dtype=dtype,
+                                 deviations=deviations, rngs=rngs, dtype=dtype,
                                  param_dtype=param_dtype)
-    self.context_norm = nnx.LayerNorm(num_tokens * hops, dtype=jnp.float32,
-                                      param_dtype=param_dtype, rngs=rngs)
+    self.context_norm = _layer_norm(num_tokens * hops, deviations,
+                                    fast_variance=True, rngs=rngs,
+                                    dtype=jnp.float32,
+                                    param_dtype=param_dtype)
     self.fuser = CrossAttentionFuser(in_features, num_tokens * hops,
-                                     heads=heads, rngs=rngs, dtype=dtype,
+                                     heads=heads, deviations=deviations,
+                                     rngs=rngs, dtype=dtype,
                                      param_dtype=param_dtype)
     self.pool = pooling.GeM(p, learn_p=learn_p, eps=eps,
                             param_dtype=param_dtype)
@@ -294,8 +430,8 @@ class SCGeM(nnx.Module):
     """
     _, h, w, _ = feature_map.shape
     resp, spatial = self.assign(feature_map, mask)
-    encoding = self.context_norm(
-        distance_encoding(spatial, mask, h, w, self.hops))
+    encoding = self.context_norm(distance_encoding(
+        spatial, mask, h, w, self.hops, first_hop=self.first_hop))
     fused = self.fuser(feature_map, encoding, mask)
     return {"responsibility": resp, "spatial": spatial, "encoding": encoding,
             "map": fused}
@@ -307,20 +443,29 @@ class SCGeM(nnx.Module):
 
 
 class SpCaHead(nnx.Module):
-  """SC-GeM alone: SC-GeM -> whitening Linear (C -> D) -> L2 norm (SpCa)."""
+  """SC-GeM alone: SC-GeM -> whitening Linear (C -> D) -> L2 norm (SpCa).
+
+  `whiten` is the official 1x1 conv `whiten` (with bias, torch default init
+  unless `deviations.legacy_init`).
+  """
 
   stages: tuple[str, ...] = ()
 
   def __init__(self, in_features: int, dim: int, *, num_tokens: int = 16,
                token_dim: int = 128, hops: int = 3, heads: int = 8,
                p: float = 3.0, learn_p: bool = True, eps: float = 1e-6,
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               deviations: Deviations = OFFICIAL, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
     """Builds the head; arguments as `SCGeM`, plus `dim` = D."""
     self.pool = SCGeM(in_features, num_tokens=num_tokens, token_dim=token_dim,
                       hops=hops, heads=heads, p=p, learn_p=learn_p, eps=eps,
-                      rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                      deviations=deviations, rngs=rngs, dtype=dtype,
+                      param_dtype=param_dtype)
+    init = torch_uniform(in_features)
+    extra = {} if deviations.legacy_init else {"kernel_init": init,
+                                               "bias_init": init}
     self.whiten = nnx.Linear(in_features, dim, dtype=jnp.float32,
-                             param_dtype=param_dtype, rngs=rngs)
+                             param_dtype=param_dtype, rngs=rngs, **extra)
 
   def __call__(self, feature_map: jax.Array, mask: jax.Array | None = None
                ) -> dict[str, jax.Array]:
