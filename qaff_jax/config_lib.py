@@ -185,6 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.bucket = 64               # images are padded up to multiples of this (pixels)
   c.eval.scale_reduce = "mean"     # mean | max (SuperGlobal's Scale-GeM) over scales
   c.eval.at_end = False            # evaluate after training finishes
+  c.eval.every_steps = 0           # also evaluate every N steps during training (0: off)
   c.eval.search = "exact"          # exact | scann
   c.eval.rerank = "none"           # none | superglobal | aqe | dba
   c.eval.superglobal = ml_collections.ConfigDict(dict(m=400, knn=9, beta=0.15))

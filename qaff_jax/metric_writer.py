@@ -35,11 +35,33 @@ class MetricWriter:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, int(step))
 
+  def write_hparams(self, config, metrics: list[str]) -> None:
+    """The run's config as TensorBoard hparams (the HPARAMS tab), with the
+    metric names it will log; a no-op without TensorBoard."""
+    if self._tb is None:
+      return
+    from tensorboardX.summary import hparams  # noqa: PLC0415
+    flat = {k: (v if isinstance(v, (bool, int, float, str)) else str(v))
+            for k, v in _flatten(config.to_dict() if hasattr(config, "to_dict") else config)}
+    experiment, start, end = hparams(flat, {m: 0.0 for m in metrics})
+    writer = self._tb._get_file_writer()  # noqa: SLF001 (SummaryWriter.add_hparams' way)
+    for summary in (experiment, start, end):
+      writer.add_summary(summary)
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _flatten(tree: dict, prefix: str = ""):
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      yield from _flatten(v, key + ".")
+    else:
+      yield key, ("" if v is None else v)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -333,6 +333,9 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
   start = int(state.step)
   rng = jax.random.key(config.seed + 1)
   writer = metric_writer.MetricWriter(workdir)
+  writer.write_hparams(config, metrics=["loss", "accuracy"] + [
+      f"eval/{name}/mAP_{p}" for name in _eval_sets(config) for p in "EMH"])
+  every_eval = int(config.eval.get("every_steps", 0) or 0) if config.eval.data_root else 0
   last = {}
   progress = _progress_bar(start, steps)
   t0, seen = time.perf_counter(), 0
@@ -379,17 +382,28 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
         if stop:
           logging.warning("stopped at step %d after preemption; rerun to resume", step)
           return {"preempted_at": step, **last}
+        if every_eval and step % every_eval == 0 and step != steps:
+          _evaluate(config, graphdef, state, mesh, workdir, writer)
+    result = dict(last)
+    if config.eval.at_end and config.eval.data_root:
+      result["eval"] = _evaluate(config, graphdef, state, mesh, workdir, writer)
+    return result
   finally:
     waiter.close()
     progress.close()
     writer.close()
     ckpt.close()
 
-  result = dict(last)
-  if config.eval.at_end and config.eval.data_root:
-    from qaff_jax.evaluation import hook  # evaluation reads the state, not the loop
-    result["eval"] = hook.evaluate_state(config, graphdef, state, mesh, workdir)
-  return result
+
+def _eval_sets(config) -> list[str]:
+  if not config.eval.data_root:
+    return []
+  return [n.strip() for n in config.eval.datasets.split(",") if n.strip()]
+
+
+def _evaluate(config, graphdef, state, mesh, workdir, writer) -> dict:
+  from qaff_jax.evaluation import hook  # evaluation reads the state, not the loop
+  return hook.evaluate_state(config, graphdef, state, mesh, workdir, writer=writer)
 
 
 def init_backbone_from(state: TrainState, path: str, shardings) -> TrainState:

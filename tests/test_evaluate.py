@@ -242,3 +242,35 @@ def test_gldv2_retrieval_mode(tmp_path):
   assert results["gldv2"]["mAP@100_private"] == pytest.approx(t1)
   assert results["gldv2"]["mAP@100_all"] == pytest.approx((t0 + t1) / 2)
   assert os.path.exists(tmp_path / "rep" / "report.md")
+
+
+def test_hook_and_cli_are_one_evaluation_path(trained):
+  """The training hook honours eval.search / eval.rerank like the CLI, both use
+  one descriptor cache (ids saved with the descriptors), and each evaluation
+  keeps its own report folder named by step and settings."""
+  from qaff_jax.evaluation import hook
+  root, workdir, _ = trained
+  config, graphdef, state, mesh, step = runner.load_state(workdir)
+  config.eval.data_root = os.path.join(root, "test")
+  cache = runner.descriptor_cache(workdir)
+  (db_file,) = [f for f in os.listdir(cache) if f.startswith("demo_db_step2")]
+  with np.load(os.path.join(cache, db_file), allow_pickle=False) as z:
+    ds = revisited.RevisitedDataset(config.eval.data_root, "demo")
+    assert list(z["ids"]) == list(ds.imlist) and z["descriptor"].shape[0] == ds.n_db
+  stamp = os.path.getmtime(os.path.join(cache, db_file))
+
+  config.eval.rerank = "aqe"
+  from_hook = hook.evaluate_state(config, graphdef, state, mesh, workdir, step=step)["demo"]
+  assert os.path.getmtime(os.path.join(cache, db_file)) == stamp   # reused, not re-extracted
+  from_cli, info, out = cli.run(cli.Request(workdir=workdir, data_dir=config.eval.data_root,
+                                            datasets="demo", rerank="aqe"), None)
+  assert from_cli["demo"]["mAP_M"] == pytest.approx(from_hook["mAP_M"], abs=1e-9)
+  assert info["demo"]["rerank"] == "aqe"
+  plain, _, _ = cli.run(cli.Request(workdir=workdir, data_dir=config.eval.data_root,
+                                    datasets="demo"), None)
+  assert from_hook["mAP_M"] != pytest.approx(plain["demo"]["mAP_M"], abs=1e-9)
+  reports = sorted(d for d in os.listdir(os.path.join(workdir, "eval")) if d.startswith("step"))
+  key = runner.ExtractSettings.from_config(config.eval).key()
+  assert f"step2_exact_aqe_{key}" in reports and f"step2_exact_none_{key}" in reports
+  assert os.path.basename(out) == f"step2_exact_aqe_{key}"
+  assert runner.latest_report(workdir).endswith(f"step2_exact_none_{key}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qaff_jax.evaluation import fusion_stats as fs
-from qaff_jax.evaluation import hook
+from qaff_jax.evaluation import fusion_stats as fs_lib
 
 NAN4 = [math.nan] * 4
 
@@ -275,15 +275,15 @@ def test_hook_fusion_summary_with_sidecar(tmp_path):
   w = _weights([0, 4, 0, 8, 4, 2], n_scales=3)
   q, db = {"fusion_weights": w[:2]}, {"fusion_weights": w[2:]}
   # No dataset, or one without a sidecar: no adaptivity section.
-  assert "adaptivity" not in hook.fusion_summary(config, q, db)
+  assert "adaptivity" not in fs_lib.dataset_fusion_summary(config, q, db)
   (tmp_path / "bare").mkdir()
   bare = _fake_dataset(tmp_path / "bare", sidecar=None)
-  assert "adaptivity" not in hook.fusion_summary(config, q, db, bare)
+  assert "adaptivity" not in fs_lib.dataset_fusion_summary(config, q, db, bare)
 
   (tmp_path / "b").mkdir()
   gone = os.path.join(str(tmp_path / "b" / "fake"), "db_big.jpg")
   ds = _fake_dataset(tmp_path / "b", missing=[gone])
-  s = hook.fusion_summary(config, q, db, ds)
+  s = fs_lib.dataset_fusion_summary(config, q, db, ds)
   a = s["adaptivity"]
   assert s["num_images"] == 6
   # Only db_obj keeps a box (queries never, db_big is missing on disk): its

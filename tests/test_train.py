@@ -57,7 +57,8 @@ def tiny_config(root, **overrides):
 def losses_by_step(workdir):
   rows = {}
   for r in metric_writer.read_metrics(workdir):
-    rows[r["step"]] = r["loss"]
+    if "loss" in r:   # training rows (evaluation rows hold eval/<set>/<metric>)
+      rows[r["step"]] = r["loss"]
   return rows
 
 
@@ -204,20 +205,43 @@ def test_cli_rejects_misspelled_override(tmp_path):
 
 
 def test_end_to_end_train_then_evaluate(data_root, tmp_path):
-  config = tiny_config(data_root, total_steps=2, **{"eval.at_end": True, "grad_accum": 2})
+  """Periodic and final evaluation: one report per step (plus LATEST), the
+  numbers in metrics.jsonl and TensorBoard, the run's config as hparams."""
+  config = tiny_config(data_root, total_steps=4, **{"eval.at_end": True, "grad_accum": 2,
+                                                    "eval.every_steps": 2})
   workdir = str(tmp_path / "run")
   out = train_lib.train_and_evaluate(config, workdir)
   assert np.isfinite(out["loss"])
   m = out["eval"]["demo"]
   for key in ("mAP_E", "mAP_M", "mAP_H", "mP@1_E", "mP@10_H"):
     assert 0.0 <= m[key] <= 1.0
-  with open(os.path.join(workdir, "eval", "report.json")) as f:
-    assert json.load(f)["results"]["demo"]["mAP_M"] == pytest.approx(m["mAP_M"])
+  eval_dir = os.path.join(workdir, "eval")
+  reports = sorted(d for d in os.listdir(eval_dir) if d.startswith("step"))
+  assert [r.split("_")[0] for r in reports] == ["step2", "step4"]
+  assert all("_exact_none_" in r for r in reports)
+  from qaff_jax.evaluation import runner
+  assert runner.latest_report(workdir) == os.path.join(eval_dir, reports[-1])
+  for path in (os.path.join(eval_dir, reports[-1]), eval_dir):
+    with open(os.path.join(path, "report.json")) as f:
+      assert json.load(f)["results"]["demo"]["mAP_M"] == pytest.approx(m["mAP_M"])
   saved = train_lib.load_config(workdir)
   assert saved.data.image_size == 32
-  assert os.listdir(os.path.join(workdir, "tb"))
   rows = metric_writer.read_metrics(workdir)
-  assert {"loss", "accuracy", "lr", "img_per_sec", "skipped_records"} <= set(rows[-1])
+  train_rows = [r for r in rows if "loss" in r]
+  assert {"loss", "accuracy", "lr", "img_per_sec", "skipped_records"} <= set(train_rows[-1])
+  eval_rows = {r["step"]: r for r in rows if "eval/demo/mAP_M" in r}
+  assert sorted(eval_rows) == [2, 4]
+  assert eval_rows[4]["eval/demo/mAP_M"] == pytest.approx(m["mAP_M"])
+  # TensorBoard: the eval scalars and the hparams plugin's run summary.
+  from tensorboardX.proto import event_pb2
+  from qaff_jax.data import records
+  tags = []
+  for name in os.listdir(os.path.join(workdir, "tb")):
+    for raw in records.iter_tfrecord_skipping(os.path.join(workdir, "tb", name)):
+      event = event_pb2.Event.FromString(raw)
+      tags += [(v.tag, event.step) for v in event.summary.value]
+  assert [st for tag, st in tags if tag == "eval/demo/mAP_M"] == [2, 4]
+  assert ("_hparams_/experiment", 0) in tags
 
 
 def test_init_from_copies_backbone(data_root, tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import logging
 import os
 
 import numpy as np
@@ -102,22 +101,8 @@ def _write_ranks(path: str | None, name: str, indices: np.ndarray, several: bool
 
 
 def _search_kwargs(req: Request, config) -> dict:
-  ev = config.eval
-  method = req.rerank or ev.rerank
-  params = {}
-  if method == "superglobal":
-    params = dict(m=ev.superglobal.m, knn=ev.superglobal.knn, beta=ev.superglobal.beta)
-  elif method in ("aqe", "dba"):
-    params = dict(n=ev.qe.n, alpha=ev.qe.alpha)
-  sc = ev.scann
-  scann = {k: v for k, v in dict(
-      num_leaves=sc.num_leaves or None, num_leaves_to_search=sc.num_leaves_to_search or None,
-      reorder=sc.reorder or None, training_sample_size=sc.training_sample_size,
-      dims_per_block=sc.dims_per_block,
-      anisotropic_quantization_threshold=sc.anisotropic_quantization_threshold).items()
-            if v is not None}
-  return dict(backend=req.search or ev.search, k=req.k, rerank=method,
-              rerank_params=params, scann_params=scann, scann_dir=req.scann_dir)
+  return runner.search_kwargs(config, search=req.search, rerank=req.rerank, k=req.k,
+                              scann_dir=req.scann_dir)
 
 
 def run(req: Request, config) -> tuple[dict, dict, str]:
@@ -276,47 +261,23 @@ def _run_checkpoint(req: Request, config):
   if not root:
     raise UsageError("--data_dir (or config.eval.data_root) is required with --workdir")
   config, net, mesh, step = runner.load_network(req.workdir, config, req.step)
-  from qaff_jax.evaluation import extract as extract_lib
-  forward = extract_lib.make_forward(net, mesh, keys=("descriptor", "fusion_weights"))
-  ev = config.eval
-  settings = runner.ExtractSettings.from_config(ev)
-  names = [n.strip() for n in (req.datasets or ev.datasets).split(",") if n.strip()]
-  cache = os.path.join(req.workdir, "eval", "descriptors")
-  tag = f"step{step}_{settings.key()}"
-
+  names = [n.strip() for n in (req.datasets or config.eval.datasets).split(",") if n.strip()]
   distractors = None
   if req.r1m:
     paths = _distractor_files(req.r1m, req.r1m_root)
-    missing = set(revisited.check_paths(paths, skip_missing=req.skip_missing,
-                                        what="R1M distractors"))
-    loaders, sizes = runner.path_inputs(paths, missing)
+    missing = revisited.check_paths(paths, skip_missing=req.skip_missing,
+                                    what="R1M distractors")
     base = req.r1m if os.path.isdir(req.r1m) else (
         req.r1m_root or os.path.dirname(os.path.abspath(req.r1m)))
-    ids = [os.path.relpath(p, base) for p in paths]
-    distractors = runner.cached_extract(
-        os.path.join(cache, f"r1m_{tag}.npz"), ids, loaders, sizes, forward=forward,
-        mesh=mesh, settings=settings)["descriptor"]
-    logging.info("R1M: %d distractors (%d missing)", len(paths), len(missing))
-
-  results, info = {}, {}
+    distractors = (paths, [os.path.relpath(p, base) for p in paths], list(missing))
   kwargs = _search_kwargs(req, config)
-  for name in names:
-    ds = revisited.RevisitedDataset(root, name)
-    missing = set(ds.check_images(skip_missing=req.skip_missing))
-    (ql, qs), (dl, dsz) = runner.dataset_inputs(ds, missing)
-    q = runner.cached_extract(os.path.join(cache, f"{name}_query_{tag}.npz"), ds.qimlist,
-                              ql, qs, forward=forward, mesh=mesh, settings=settings)
-    db = runner.cached_extract(os.path.join(cache, f"{name}_db_{tag}.npz"), ds.imlist,
-                               dl, dsz, forward=forward, mesh=mesh, settings=settings)
-    db_desc = db["descriptor"]
-    if distractors is not None:
-      db_desc = np.concatenate([db_desc, distractors])
-    res = runner.search_and_rerank(q["descriptor"], db_desc, **kwargs)
-    results[name] = runner.score(res.indices, ds.gnd)
-    info[name] = {**res.info, "step": step, "missing_images": len(missing),
-                  "r1m": 0 if distractors is None else len(distractors)}
-    if "fusion_weights" in db:
-      from qaff_jax.evaluation import hook
-      info[name]["fusion"] = hook.fusion_summary(config, q, db, ds)
-    _write_ranks(req.ranks_out, name, res.indices, len(names) > 1)
-  return _finish(results, info, req, os.path.join(req.workdir, "eval"))
+  results, info = runner.evaluate_network(
+      config, net, mesh, step=step, workdir=req.workdir, data_root=root, datasets=names,
+      kwargs=kwargs, distractors=distractors, skip_missing=req.skip_missing,
+      on_ranking=lambda name, idx: _write_ranks(req.ranks_out, name, idx, len(names) > 1))
+  if req.out:
+    return _finish(results, info, req, req.out)
+  name = runner.report_name(step, runner.ExtractSettings.from_config(config.eval), kwargs,
+                            r1m=len(distractors[0]) if distractors else 0)
+  out = runner.write_run_report(results, info, req.workdir, name, extra={"step": step})
+  return results, info, out

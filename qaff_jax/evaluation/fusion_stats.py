@@ -636,3 +636,19 @@ def format_adaptivity(a: dict[str, Any]) -> list[str]:
   while lines and not lines[-1]:
     lines.pop()
   return lines
+
+
+def dataset_fusion_summary(config, q: dict, db: dict, ds: Any = None) -> dict:
+  """QAFF fusion-weight statistics over the queries then database of a dataset.
+
+  `q` / `db` hold the extracted `fusion_weights`. With `ds` whose folder holds
+  `objects.json`, the summary gains the `adaptivity` section (kinds for all
+  images, object boxes for the database only: queries are cropped to their gnd
+  bbx; see `dataset_metadata`). Without a sidecar it is left out.
+  """
+  from qaff_jax.models import qaff  # noqa: PLC0415
+  settings = qaff.settings_from_config(config.model)
+  weights = np.concatenate([q["fusion_weights"], db["fusion_weights"]])
+  meta = None if ds is None else dataset_metadata(ds)
+  kinds, boxes = meta if meta is not None else (None, None)
+  return fusion_summary(weights, settings.grid, settings.scales, kinds=kinds, boxes=boxes)

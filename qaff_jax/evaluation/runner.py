@@ -254,6 +254,146 @@ def _exact(q, db, k):
   return search.exact_search(q, db, k)
 
 
+def search_kwargs(config, *, search: str | None = None, rerank: str | None = None,
+                  k: int | None = None, scann_dir: str | None = None) -> dict:
+  """`search_and_rerank` arguments from `config.eval` (the CLI's flags on top)."""
+  ev = config.eval
+  method = rerank or ev.rerank
+  params = {}
+  if method == "superglobal":
+    params = dict(m=ev.superglobal.m, knn=ev.superglobal.knn, beta=ev.superglobal.beta)
+  elif method in ("aqe", "dba"):
+    params = dict(n=ev.qe.n, alpha=ev.qe.alpha)
+  sc = ev.scann
+  scann = {key: v for key, v in dict(
+      num_leaves=sc.num_leaves or None, num_leaves_to_search=sc.num_leaves_to_search or None,
+      reorder=sc.reorder or None, training_sample_size=sc.training_sample_size,
+      dims_per_block=sc.dims_per_block,
+      anisotropic_quantization_threshold=sc.anisotropic_quantization_threshold).items()
+           if v is not None}
+  return dict(backend=search or ev.search, k=k, rerank=method, rerank_params=params,
+              scann_params=scann, scann_dir=scann_dir)
+
+
+# ---------------------------------------------------------------------------
+# One evaluation of a network: the training hook and `python -m qaff_jax.evaluate
+# --workdir` both run this.
+
+
+def descriptor_cache(workdir: str) -> str:
+  """Where a run's descriptors live: `<set>_<query|db>_step<S>_<settings>.npz`,
+  each with the image `ids`, the `settings` key, `descriptor` and any other
+  per-image output (QAFF: `fusion_weights`)."""
+  return os.path.join(workdir, "eval", "descriptors")
+
+
+def report_name(step: int, settings: ExtractSettings, kwargs: dict, *,
+                r1m: int = 0) -> str:
+  """`step<S>_<search>_<rerank>[_k<K>][_r1m]_<extraction settings key>`."""
+  parts = [f"step{step}", kwargs.get("backend", "exact"), kwargs.get("rerank", "none")]
+  if kwargs.get("k"):
+    parts.append(f"k{kwargs['k']}")
+  if r1m:
+    parts.append("r1m")
+  return "_".join(parts + [settings.key()])
+
+
+def evaluate_network(config, net, mesh, *, step: int, workdir: str | None,
+                     data_root: str, datasets: Sequence[str], kwargs: dict,
+                     distractors: tuple[list, list, list] | None = None,
+                     skip_missing: bool = False, on_ranking=None) -> tuple[dict, dict]:
+  """Extract (cached in the run's descriptor cache), search, re-rank, score.
+
+  Args:
+    config: the run's config (`eval.*` extraction settings, `model` for QAFF).
+    net: the eval-mode network; `step` its checkpoint step.
+    workdir: the run folder (its descriptor cache), or None for no cache.
+    data_root, datasets: revisitop root and dataset names.
+    kwargs: `search_and_rerank` arguments (`search_kwargs`).
+    distractors: (paths, ids, missing) of R1M images added to each database.
+    on_ranking: called as `on_ranking(name, indices)` per dataset.
+  Returns:
+    (results {dataset: revisitop metrics}, info {dataset: search info, step,
+    extraction time, descriptor bytes, missing images, QAFF fusion summary}).
+  """
+  forward = extract_lib.make_forward(net, mesh, keys=("descriptor", "fusion_weights"))
+  settings = ExtractSettings.from_config(config.eval)
+  cache = descriptor_cache(workdir) if workdir else None
+  tag = f"step{step}_{settings.key()}"
+
+  def cached(kind: str, ids, loaders, sizes):
+    path = os.path.join(cache, f"{kind}_{tag}.npz") if cache else None
+    return cached_extract(path, ids, loaders, sizes, forward=forward, mesh=mesh,
+                          settings=settings)
+
+  extra_db = None
+  if distractors is not None:
+    paths, ids, missing = distractors
+    loaders, sizes = path_inputs(paths, set(missing))
+    extra_db = cached("r1m", ids, loaders, sizes)["descriptor"]
+    logging.info("R1M: %d distractors (%d missing)", len(paths), len(missing))
+
+  results, info = {}, {}
+  for name in datasets:
+    ds = revisited.RevisitedDataset(data_root, name)
+    missing = set(ds.check_images(skip_missing=skip_missing))
+    (ql, qs), (dl, dsz) = dataset_inputs(ds, missing)
+    t0 = time.perf_counter()
+    q = cached(f"{name}_query", ds.qimlist, ql, qs)
+    db = cached(f"{name}_db", ds.imlist, dl, dsz)
+    extract_s = time.perf_counter() - t0
+    db_desc = db["descriptor"] if extra_db is None else np.concatenate([db["descriptor"],
+                                                                        extra_db])
+    res = search_and_rerank(q["descriptor"], db_desc, **kwargs)
+    results[name] = score(res.indices, ds.gnd)
+    info[name] = {**res.info, "step": step, "missing_images": len(missing),
+                  "r1m": 0 if extra_db is None else len(extra_db),
+                  # Wall time per image, compilations included (a handful of
+                  # shape buckets); near 0 when the descriptors came from the cache.
+                  "extract_ms_per_image": 1e3 * extract_s / (ds.n_queries + ds.n_db),
+                  "descriptor_bytes": int(db["descriptor"].shape[1] * 4)}
+    if "fusion_weights" in db:
+      from qaff_jax.evaluation import fusion_stats  # noqa: PLC0415
+      info[name]["fusion"] = fusion_stats.dataset_fusion_summary(config, q, db, ds)
+    if on_ranking is not None:
+      on_ranking(name, res.indices)
+    logging.info("%s (step %d): mAP E/M/H %.2f / %.2f / %.2f", name, step,
+                 100 * results[name]["mAP_E"], 100 * results[name]["mAP_M"],
+                 100 * results[name]["mAP_H"])
+  return results, info
+
+
+LATEST = "LATEST"   # eval/LATEST names the newest report folder
+
+
+def write_run_report(results: dict, info: dict, workdir: str, name: str,
+                     extra: dict | None = None) -> str:
+  """`<workdir>/eval/<name>/report.{json,md}`, then `eval/LATEST` <- name and
+  `eval/report.{json,md}` <- a copy of it. Process 0 only; returns the folder."""
+  from qaff_jax.evaluation import report  # noqa: PLC0415
+  eval_dir = os.path.join(workdir, "eval")
+  out = os.path.join(eval_dir, name)
+  if jax.process_index() != 0:
+    return out
+  body = {"info": info, **(extra or {})}
+  report.write_report(results, out, extra=body)
+  report.write_report(results, eval_dir, extra={**body, "report": name})
+  fd, tmp = tempfile.mkstemp(dir=eval_dir, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(name + "\n")
+  os.replace(tmp, os.path.join(eval_dir, LATEST))
+  return out
+
+
+def latest_report(workdir: str) -> str | None:
+  """The newest report folder of a run (from `eval/LATEST`), or None."""
+  path = os.path.join(workdir, "eval", LATEST)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return os.path.join(workdir, "eval", f.read().strip())
+
+
 # ---------------------------------------------------------------------------
 # Metrics.
 
