@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import re
 import time
 from typing import Any, Sequence
@@ -33,6 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from qaff_jax import cli_util
 from qaff_jax import parallel
 from qaff_jax import state as state_lib
 
@@ -253,7 +253,7 @@ class Target:
   @classmethod
   def from_topology(cls, spec: str) -> "Target":
     gen, name = parse_topology(spec)
-    quiet_libtpu(name)
+    cli_util.quiet_libtpu_without_tpu()
     devices = topology_devices(name)
     return cls(name, devices, CHIPS[gen], devices_per_chip(devices))
 
@@ -412,19 +412,3 @@ def max_batch(config, target: Target, *, max_compiles: int = 6,
           "step": unit, "compiles": len(tried),
           "tried": {str(b): {"peak_gib": tried[b]["memory_gib"]["peak"],
                              "fits": tried[b]["fits"]} for b in sorted(tried)}}
-
-
-def accelerator_type(name: str) -> str:
-  """The Cloud TPU accelerator type of a 'v5e:4x4'-style slice ('v5litepod-16')."""
-  gen, dims = name.split(":")
-  chips = math.prod(int(d) for d in dims.split("x"))
-  return {"v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}.get(gen, f"{gen}-{2 * chips}")
-
-
-def quiet_libtpu(name: str) -> None:
-  """Tells libtpu what a TPU VM's metadata would (accelerator type, host name),
-  so that compiling here does not log warnings about the missing TPU VM.
-  Call before the first topology is made; values already set are kept."""
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(name))
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import glob
 import logging
+import os
 import re
 import sys
 from typing import Any, Callable, NoReturn, Sequence
@@ -93,6 +95,26 @@ def quiet_backend_probe() -> None:
   logger = logging.getLogger(XLA_BRIDGE_LOGGER)
   if not any(isinstance(f, _BackendProbeFilter) for f in logger.filters):
     logger.addFilter(_BackendProbeFilter())
+  quiet_libtpu_without_tpu()
+
+
+# What a TPU VM's metadata server would tell libtpu; set only where no TPU is attached.
+# Without chips, libtpu only compiles (`qaff_jax.compile`), so several processes may
+# load it at once (its lockfile guards the chips).
+_NO_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
+               "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def quiet_libtpu_without_tpu() -> None:
+  """With libtpu installed (the `tpu` extra, e.g. for `qaff_jax.compile`) on a
+  machine without TPU chips, libtpu's probe asks for the absent TPU VM metadata
+  and prints warnings on stderr (not through Python logging). Where no TPU
+  device node exists (/dev/accel*, /dev/vfio), the metadata it wants is given
+  (values already set are kept); a TPU VM is left alone."""
+  if glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+    return
+  for key, value in _NO_TPU_ENV.items():
+    os.environ.setdefault(key, value)
 
 
 def _split_at_double_dash(args: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -26,7 +26,7 @@ ENTRY_POINTS = [
     "qaff_jax.train", "qaff_jax.evaluate", "qaff_jax.convert", "qaff_jax.compare",
     "qaff_jax.viz.fusion", "qaff_jax.data.demo", "qaff_jax.data.convert",
     "qaff_jax.bench.model", "qaff_jax.bench.extract", "qaff_jax.bench.train",
-    "qaff_jax.bench.search",
+    "qaff_jax.bench.search", "qaff_jax.compile",
 ]
 # compare.py is not switched to cli_util.run yet: absl's --help exits 1 there.
 NO_RUN = "/nonexistent/qaff_run"  # never created: each case fails before writing
@@ -116,6 +116,9 @@ def test_backend_probe_line_absent_on_a_quick_command(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert set(json.loads(proc.stdout)) >= {"mAP_E", "mAP_M", "mAP_H"}
   assert "Unable to initialize backend" not in proc.stderr, proc.stderr
+  # With libtpu installed (the tpu extra) on a machine without TPUs: no libtpu chatter.
+  assert "TPU_ACCELERATOR_TYPE" not in proc.stderr and "TPU_WORKER" not in proc.stderr, \
+      proc.stderr
 
 
 def test_quiet_backend_probe_filters_only_probe_records():
