@@ -135,13 +135,25 @@ def test_gallery_order_and_revisited_spec():
 def test_cli_on_a_tiny_trained_qaff_run(tmp_path):
   root = str(tmp_path / "demo")
   paths = demo.generate(root, SMALL)
-  config = tiny_config(root, **{"total_steps": 2, "model.head": "qaff"})
+  config = tiny_config(root, **{"total_steps": 2, "model.head": "qaff", "eval.at_end": True})
   # Plain-GeM global feature: the pictures do not depend on it, and it halves
   # the train step's compile time.
   config.model.qaff.update(dict(global_pool="gem", mlp_hidden=8,
                                 scales=(0.5, 1.5)))
   workdir = str(tmp_path / "run")
-  train_lib.train_and_evaluate(config, workdir)
+  out = train_lib.train_and_evaluate(config, workdir)
+
+  # The end-of-training evaluation keeps QAFF's per-image fusion weights with the
+  # descriptors (one cache, image ids included) and summarises them in the report.
+  from qaff_jax.evaluation import runner
+  cache = runner.descriptor_cache(workdir)
+  (db_file,) = [f for f in os.listdir(cache) if f.startswith("demo_db_")]
+  with np.load(os.path.join(cache, db_file), allow_pickle=False) as z:
+    assert z["fusion_weights"].shape == (len(z["ids"]), 12)
+    np.testing.assert_allclose(z["fusion_weights"].sum(1), 1.0, atol=1e-5)
+  assert out["eval"]["demo"]["fusion"]["num_features"] == 12
+  with open(os.path.join(runner.latest_report(workdir), "report.md")) as f:
+    assert "## QAFF fusion weights: demo" in f.read()
 
   # An object sidecar for the first database images: an object with a box,
   # a scene, an object with the whole image as box; the 4th is not listed.
