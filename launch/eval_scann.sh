@@ -4,6 +4,10 @@
 #   BUCKET=gs://my-bucket ZONE=us-central1-a NAME=qaff-eval \
 #     bash launch/eval_scann.sh runs/r101/eval/descriptors roxford5k [extra evaluate flags]
 #
+# e.g. `--target_recall 0.95` tunes the index for that recall@k on held-out
+# database rows (or picks exact search when faster); the tuned settings are
+# saved as qaff_search_settings.json inside the index folder and re-used.
+#
 # Creates (or reuses) a CPU VM, installs qaff_jax, copies the descriptor .npy
 # files (<name>_query.npy, <name>_db.npy) and gnd_<name>.pkl from the bucket,
 # builds the ScaNN index (kept in the bucket beside the report), and writes

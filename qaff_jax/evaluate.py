@@ -6,6 +6,8 @@ python -m qaff_jax.evaluate --workdir runs/r101 --data_dir /data/revisitop \
     [--rerank none|superglobal|aqe|dba]
 python -m qaff_jax.evaluate --query_features Q.npy --db_features X.npy \
     --gnd gnd_roxford5k.pkl --rerank superglobal --json
+python -m qaff_jax.evaluate --query_features Q.npy --db_features X.npy \
+    --gnd gnd_roxford5k.pkl --search scann --target_recall 0.95 --scann_dir index/
 python -m qaff_jax.evaluate --ranks R.npy --gnd gnd_roxford5k.pkl --json
 python -m qaff_jax.evaluate --gldv2_solution retrieval_solution_v2.1.csv \
     --query_features test.npy --query_ids test_ids.txt --db_features index.npy --db_ids index_ids.txt
@@ -66,6 +68,10 @@ _SKIP_MISSING = flags.DEFINE_bool("skip_missing", False, "Count missing/unreadab
                                   "instead of failing.")
 _SCANN_DIR = flags.DEFINE_string("scann_dir", None, "Save the ScaNN index here (its size "
                                  "per image is reported).")
+_TARGET_RECALL = flags.DEFINE_float(
+    "target_recall", None, "With --search scann: choose the ScaNN build and search settings "
+    "(or exact search, if faster) for this recall@k, verified on held-out database rows "
+    "(default: config.eval.scann.target_recall; 0 = fixed settings).")
 _GLDV2 = flags.DEFINE_string("gldv2_solution", None, "GLDv2 retrieval_solution_v2.1.csv: "
                              "score --query_features/--db_features with mAP@100.")
 _QUERY_IDS = flags.DEFINE_string("query_ids", None, "GLDv2: test image ids, one per line.")
@@ -93,6 +99,7 @@ def main(args):
       query_features=_QUERY_FEATURES.value, db_features=_DB_FEATURES.value,
       ranks=_RANKS.value, gnd=_GND.value, ranks_out=_RANKS_OUT.value,
       skip_missing=_SKIP_MISSING.value, out=_OUT.value, scann_dir=_SCANN_DIR.value,
+      target_recall=_TARGET_RECALL.value,
       gldv2_solution=_GLDV2.value, query_ids=_QUERY_IDS.value, db_ids=_DB_IDS.value,
       config_overrides=overrides)
   try:
@@ -121,6 +128,9 @@ def main(args):
                                     for k, v in extra.items() if not isinstance(v, dict)))
       if "fusion" in extra:
         print(fusion_stats.format_fusion_summary(extra["fusion"]))
+      if "scann_tuning" in extra:
+        from qaff_jax.evaluation import ann
+        print(f"{name} search tuning: " + ann.format_report(extra["scann_tuning"]))
   logging.info("report: %s", os.path.abspath(report_dir))
 
 

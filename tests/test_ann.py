@@ -142,3 +142,85 @@ def test_rerank_composes_with_scann(data, index):
       "aqe", q[:8], x, found,
       search_fn=lambda v, k: ann.scann_search(index, np.asarray(v), k))
   assert i.shape == (8, 100) and (i >= 0).all()
+
+
+# ---------------------------------------------------------------------------
+# Recall-targeted tuning.
+
+
+@pytest.fixture(scope="module")
+def clustered():
+  from qaff_jax.bench import search as bench
+  db, verify, tune, _ = bench.make_data(20_000, 32, 300, 300, None, 1.0, 0)
+  return db, tune, verify
+
+
+@pytest.fixture(scope="module")
+def tuned_pair(clustered):
+  db, tune, verify = clustered
+  return ann.tune_for_recall(db, 100, [0.85, 0.95], tune_queries=tune,
+                             verify_queries=verify, leaves_options=[141], num_single=20)
+
+
+def test_tuned_recall_holds_on_held_out_queries(clustered, tuned_pair):
+  db, _, verify = clustered
+  exact = np.argsort(-(verify.astype(np.float64) @ db.T.astype(np.float64)), axis=1)[:, :100]
+  for target, t in zip([0.85, 0.95], tuned_pair):
+    rep = t.report
+    assert rep["target_recall"] == target and rep["verified"]
+    assert rep["settings_tried"] <= rep["settings_bound"]
+    for key in ("qps_batched", "single_ms_p50", "single_ms_p99", "exact_qps",
+                "bytes_per_image", "tuning_s"):
+      assert rep[key] > 0, key
+    _, found = t.search(verify, 100, exact_db=db)
+    recall = ann.recall_at_k(found, exact, 100)   # an independent exact ranking
+    assert recall >= target, (target, recall)
+    if t.backend == "scann":
+      assert recall == pytest.approx(rep["verified_recall"], abs=0.002)
+
+
+def test_lower_target_searches_less(tuned_pair):
+  low, high = (t.report["scann_settings"] for t in tuned_pair)
+  assert low["num_leaves"] == high["num_leaves"] == 141
+  assert (low["leaves_to_search"] < high["leaves_to_search"]
+          or low["reorder"] < high["reorder"]), (low, high)
+
+
+def test_leave_one_out_tuning_is_saved_and_reloaded(clustered, tmp_path):
+  db, _, _ = clustered
+  t = ann.tune_for_recall(db, 20, 0.9, n_tune=200, n_verify=200, leaves_options=[100],
+                          index_dir=tmp_path / "idx", num_single=10)
+  rep = t.report
+  assert rep["queries"] == "database rows, leave-one-out" and rep["verified"]
+  loaded = ann.load_tuned(tmp_path / "idx")
+  assert loaded.backend == t.backend and loaded.settings == t.settings
+  assert loaded.report["bytes_per_image"] == pytest.approx(rep["bytes_per_image"])
+  q = db[:30] + 0.01
+  np.testing.assert_array_equal(loaded.search(q, 20, exact_db=db)[1],
+                                t.search(q, 20, exact_db=db)[1])
+  with pytest.raises(FileNotFoundError):
+    ann.load_tuned(tmp_path / "nothing")
+
+
+def test_drop_self_by_hand():
+  idx = np.array([[7, 3, 5], [1, 2, 4], [9, 9, 8]])
+  out = ann.drop_self(idx, np.array([3, 0, 9]), 2)
+  np.testing.assert_array_equal(out, [[7, 5], [1, 2], [9, 8]])
+  np.testing.assert_array_equal(ann.drop_self(idx, None, 2), idx[:, :2])
+
+
+def test_exact_is_chosen_when_faster_or_when_scann_misses(tmp_path):
+  assert ann.choose_backend(900.0, 1000.0, True)[0] == "exact"
+  assert ann.choose_backend(1100.0, 1000.0, True)[0] == "scann"
+  assert ann.choose_backend(5000.0, 1000.0, False)[0] == "exact"
+  x = _unit_vectors(5, 500, 16)   # tiny: exact search, no index
+  t = ann.tune_for_recall(x, 10, 0.95, n_tune=50, n_verify=50, index_dir=tmp_path)
+  assert t.backend == "exact" and t.searcher is None and "too small" in t.report["reason"]
+  assert t.report["verified_recall"] == 1.0 and t.report["exact_qps"] > 0
+  loaded = ann.load_tuned(tmp_path)
+  assert loaded.backend == "exact" and loaded.searcher is None
+  q = _unit_vectors(6, 4, 16)
+  np.testing.assert_array_equal(loaded.search(q, 10, exact_db=x)[1],
+                                search.exact_search(q, x, 10)[1])
+  with pytest.raises(ValueError, match="target"):
+    ann.tune_for_recall(x, 10, 1.5)

@@ -274,3 +274,32 @@ def test_hook_and_cli_are_one_evaluation_path(trained):
   assert f"step2_exact_aqe_{key}" in reports and f"step2_exact_none_{key}" in reports
   assert os.path.basename(out) == f"step2_exact_aqe_{key}"
   assert runner.latest_report(workdir).endswith(f"step2_exact_none_{key}")
+
+
+def test_scann_target_recall_tunes_saves_and_reuses(tmp_path):
+  rng = np.random.default_rng(4)
+  centres = rng.normal(size=(30, 32))
+  x = (centres[rng.integers(0, 30, 3000)] + 0.3 * rng.normal(size=(3000, 32))).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  q = x[:40] + 0.05 * rng.normal(size=(40, 32)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  kwargs = dict(backend="scann", k=50, scann_dir=str(tmp_path / "index"), target_recall=0.9)
+  res = runner.search_and_rerank(q, x, **kwargs)
+  rep = res.info["scann_tuning"]
+  assert rep["target_recall"] == 0.9 and rep["verified"] and rep["backend"] in ("scann", "exact")
+  assert res.info["search_used"] == rep["backend"] and res.indices.shape == (40, 50)
+  if rep["backend"] == "scann":
+    assert res.info["scann_recall@50"] >= 0.85
+  again = runner.search_and_rerank(q, x, **kwargs)   # the saved index, not re-tuned
+  assert again.info["scann_tuning"]["total_s"] == rep["total_s"]
+  np.testing.assert_array_equal(again.indices, res.indices)
+  # --target_recall is for ScaNN only, and a recall.
+  from qaff_jax import config_lib
+  with pytest.raises(ValueError, match="--search scann"):
+    cli._search_kwargs(cli.Request(search="exact", target_recall=0.9), config_lib.base_config())
+  with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    cli._search_kwargs(cli.Request(search="scann", target_recall=2.0), config_lib.base_config())
+  kw = cli._search_kwargs(cli.Request(search="scann", target_recall=0.95),
+                          config_lib.base_config())
+  assert kw["target_recall"] == 0.95 and "target_recall" not in kw["scann_params"]
+  assert "recall0.95" in runner.report_name(3, runner.ExtractSettings(), kw)

@@ -132,3 +132,83 @@ def test_large_database_on_accelerator():
   scores, idx = search.exact_search(q, x, 100, chunk_size=65536)
   assert idx[:, 0].tolist() == [5, 999_999, 123_456]
   assert (np.diff(scores, axis=1) <= 0).all()
+
+
+# ---------------------------------------------------------------------------
+# Sharded exact search (8 fake CPU devices, a (4, 2) mesh).
+
+
+@pytest.fixture(scope="module")
+def sharded_case():
+  from qaff_jax import parallel
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((3001, 32)).astype(np.float32)   # not a multiple of 8
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  q = rng.standard_normal((37, 32)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  mesh = parallel.make_mesh(2)
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  ref_s, ref_i = search.exact_search(q, x, 50, chunk_size=256)
+  return q, x, mesh, ref_s, ref_i
+
+
+def test_sharded_float32_is_the_single_device_ranking(sharded_case):
+  q, x, mesh, ref_s, ref_i = sharded_case
+  db = search.place_database(x, mesh)
+  assert db.rows.shape == (3008, 32) and db.num_shards == 8 and db.n == 3001
+  assert db.rows.sharding.spec == jax.sharding.PartitionSpec(("data", "model"), None)
+  s, i = search.sharded_exact_search(q, db, 50, chunk_size=128, query_batch_size=16)
+  assert i.dtype == np.int64 and s.dtype == np.float32 and i.shape == (37, 50)
+  np.testing.assert_array_equal(i, ref_i)
+  np.testing.assert_allclose(s, ref_s, atol=1e-6)
+  assert i.max() < 3001   # padding rows never come back
+
+
+@pytest.mark.parametrize("storage,score_dtype,rescore,bound", [
+    ("float32", "bfloat16", True, 0.99),
+    ("float32", "int8", True, 0.99),
+    ("float32", "bfloat16", False, 0.95),
+    ("int8", "int8", False, 0.95),
+])
+def test_cheap_scoring_keeps_recall(sharded_case, storage, score_dtype, rescore, bound):
+  q, x, mesh, _, ref_i = sharded_case
+  db = search.place_database(x, mesh, dtype=storage)
+  _, i = search.sharded_exact_search(q, db, 50, score_dtype=score_dtype, rescore=rescore,
+                                     chunk_size=512)
+  recall = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(i.tolist(), ref_i.tolist())])
+  assert recall >= bound, recall
+
+
+def test_rescore_returns_exact_float32_scores(sharded_case):
+  q, x, mesh, _, _ = sharded_case
+  db = search.place_database(x, mesh)
+  exact = lambda i: np.einsum("qd,qkd->qk", q.astype(np.float64), x[i].astype(np.float64))
+  s, i = search.sharded_exact_search(q, db, 50, score_dtype="bfloat16")
+  assert np.abs(s - exact(i)).max() > 1e-4          # bf16 scores are approximate
+  s, i = search.sharded_exact_search(q, db, 50, score_dtype="bfloat16", rescore=True)
+  assert np.abs(s - exact(i)).max() < 1e-6          # re-scored: float32 dot products
+  assert (np.diff(s, axis=1) <= 0).all()
+
+
+def test_sharded_argument_errors(sharded_case):
+  q, x, mesh, _, _ = sharded_case
+  bf16 = search.place_database(x[:100], mesh, dtype="bfloat16")
+  with pytest.raises(ValueError, match="float32"):
+    search.sharded_exact_search(q, bf16, 5, rescore=True)
+  with pytest.raises(ValueError, match="scored in"):
+    search.sharded_exact_search(q, bf16, 5, score_dtype="float32")
+  with pytest.raises(ValueError, match="k must be"):
+    search.sharded_exact_search(q, bf16, 101)
+  rows, scales = search.abstract_database(1000, 16, mesh, dtype="int8")
+  assert rows.shape == (1000, 16) and rows.dtype == jnp.int8 and scales.shape == (1000,)
+  assert rows.sharding.spec == jax.sharding.PartitionSpec(("data", "model"), None)
+
+
+def test_sharded_search_compiles_for_a_tpu_slice():
+  pytest.importorskip("libtpu")
+  from qaff_jax.evaluation import search_aot
+  r = search_aot.compile_sharded_search("v5e:2x2", n=10_000, dim=64, queries=16, k=10)
+  assert r["devices"] == 4 and r["rows_per_device"] == 2500 and r["fits"]
+  assert r["memory_gib"]["argument"] > 0 and r["ideal_ms_per_1000_queries"] > 0
+  assert r["flops_per_device"] == pytest.approx(2 * 16 * 2500 * 64 + 2 * 16 * 20 * 64)
+  assert r["collectives"]["all-gather"]["count"] >= 2   # the merge, per mesh axis

@@ -1,20 +1,29 @@
-r"""Search benchmark: exact (JAX) vs ScaNN on synthetic clustered unit vectors.
+r"""Search benchmark: exact (JAX, one device and sharded) vs ScaNN on synthetic data.
 
-python -m qaff_jax.bench.search --n 1000000 --dim 512 --queries 1000 --k 100
+python -m qaff_jax.bench.search --data clustered --n 1000000 --dim 512 \
+    --target_recall 0.95,0.99
 
-The database and queries are drawn (seeded) around `--clusters` random unit
-centres (default n // 100: ~100 vectors per centre, so a top-100 crosses
-clusters) and L2-normalised; queries are fresh draws, not database rows. The
-data's difficulty sets the leaves ScaNN must search: fewer, larger clusters
-(e.g. `--clusters` n // 1000) make it easier. Prints one JSON line per backend:
+Data (`--data`, seeded): 'clustered' (default) is a two-level hierarchy of
+clusters with fuzzy boundaries (`make_centres`); 'flat' is the older one
+level of n // 100 random centres. Database, evaluation queries and the
+held-out tuning / verification queries are independent draws of the same
+distribution (queries are not database rows). One JSON line per row, then a
+markdown table; every row has recall@k against exact search on the
+evaluation queries, batched queries/s, single-query p50/p99 latency, build
+time and bytes per image:
 
-* exact_jax: `search.exact_search` queries/s on the whole query batch (after a
-  compile run), single-query latency, and bytes/image of the raw float32
-  descriptors.
-* scann: build time, bytes/image of the saved index, and — at the fastest
-  (leaves_to_search, reorder) reaching `--target_recall` on separate tuning
-  queries — recall@k vs exact on the evaluation queries, queries/s (one thread
-  and multi-threaded) and single-query latency.
+* exact: `search.exact_search` on one device.
+* exact_sharded: `search.sharded_exact_search` over 8 fake CPU devices (a
+  subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8), in
+  float32 (its indices compared with the one-device result) and bf16 / int8
+  scoring with an exact float32 re-score.
+* scann_hand: the hand-picked ScaNN of the earlier measurements: 2 sqrt(n)
+  leaves (2000 at 1M), 16% searched (320), AH 2 dims/block, anisotropic 0.2,
+  reorder 500 (5 k).
+* scann_target: `ann.tune_for_recall` per `--target_recall` (builds sqrt(n)
+  and 2 sqrt(n) leaves, the second shared with scann_hand), tuned on the
+  tuning queries and verified on the verification queries; the row says
+  whether exact search was chosen instead.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -30,70 +41,125 @@ import numpy as np
 from absl import flags
 
 from qaff_jax import cli_util
+from qaff_jax import parallel
 from qaff_jax.evaluation import ann, search
 
+_DATA = flags.DEFINE_enum("data", "clustered", ["clustered", "flat"],
+                          "Synthetic data: hierarchical fuzzy clusters, or one level.")
 _N = flags.DEFINE_integer("n", 100_000, "Database size.")
 _DIM = flags.DEFINE_integer("dim", 512, "Descriptor dimension.")
 _QUERIES = flags.DEFINE_integer("queries", 1000, "Evaluation queries.")
-_TUNE_QUERIES = flags.DEFINE_integer("tune_queries", 1000,
-                                     "Separate queries used to tune ScaNN.")
+_TUNE_QUERIES = flags.DEFINE_integer(
+    "tune_queries", 1000, "Tuning queries, and as many verification queries (both held "
+    "out from the evaluation queries).")
 _K = flags.DEFINE_integer("k", 100, "Neighbours per query.")
 _CLUSTERS = flags.DEFINE_integer("clusters", None,
-                                 "Cluster centres (default n // 100, >= 1).")
+                                 "Cluster (sub-)centres (default n // 100, >= 1).")
 _NOISE = flags.DEFINE_float("noise", 1.0,
                             "Noise norm around a centre (1.0: cosine ~0.7).")
 _SEED = flags.DEFINE_integer("seed", 0, "Data seed.")
-_BACKENDS = flags.DEFINE_list("backends", ["exact", "scann"],
-                              "Backends to run: exact, scann.")
-_TARGET = flags.DEFINE_float("target_recall", 0.95, "Recall@k to tune for.")
-_MARGIN = flags.DEFINE_float(
-    "tune_margin", 0.01,
-    "Tune for target + margin on the tuning queries, so that the evaluation "
-    "queries still reach the target (per-query recall is heavy-tailed: its "
-    "standard error is ~0.005 at 1000 queries on the default data).")
-_NUM_LEAVES = flags.DEFINE_integer("num_leaves", None,
-                                   "ScaNN leaves (default ~2 sqrt(n)).")
+_BACKENDS = flags.DEFINE_list(
+    "backends", ["exact", "exact_sharded", "scann_hand", "scann_target"],
+    "Rows to run: exact, exact_sharded, scann_hand, scann_target.")
+_TARGET = flags.DEFINE_list("target_recall", ["0.95", "0.99"],
+                            "Recall@k targets of the scann_target rows.")
 _TRAIN_SAMPLE = flags.DEFINE_integer("training_sample_size", 250_000,
                                      "ScaNN training sample.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 50_000,
                               "Exact search: database rows per step.")
-_SINGLE = flags.DEFINE_integer("single_queries", 100,
-                               "Queries timed one at a time.")
+_SINGLE = flags.DEFINE_integer("single_queries", 200,
+                               "Queries timed one at a time (exact: at most 50).")
+_SHARDED_DEVICES = flags.DEFINE_integer(
+    "sharded_devices", 8, "Fake CPU devices of the exact_sharded row (its subprocess).")
+_SHARDED_QUERIES = flags.DEFINE_integer(
+    "sharded_queries", 200, "Evaluation queries of the exact_sharded rows (the first ones; "
+    "bf16 / int8 matmuls are slow on CPU).")
+_EXACT_FILE = flags.DEFINE_string(
+    "exact_file", None, "Internal (exact_sharded subprocess): the one-device exact "
+    "indices (.npy) to compare with.")
+
+BACKENDS = ("exact", "exact_sharded", "scann_hand", "scann_target")
+SHARDED_MODES = (("float32", False), ("bfloat16", True), ("int8", True))
 
 
 def clustered_unit_vectors(rng: np.random.Generator, centres: np.ndarray,
-                           count: int, noise: float,
-                           block: int = 100_000) -> np.ndarray:
-  """`count` float32 unit vectors: centre + noise * N(0, I/D), normalised."""
+                           count: int, noise: float, block: int = 100_000,
+                           noise_spread: float = 0.0) -> np.ndarray:
+  """`count` float32 unit vectors: centre + noise * N(0, I/D), normalised.
+
+  `noise_spread` > 0 scales each vector's noise by a log-normal factor
+  (sigma = noise_spread): some vectors sit tight around their centre, others
+  far out between clusters (fuzzy cluster boundaries).
+  """
   d = centres.shape[1]
   out = np.empty((count, d), np.float32)
   scale = np.float32(noise / math.sqrt(d))
   for start in range(0, count, block):
     stop = min(count, start + block)
     pick = rng.integers(0, centres.shape[0], size=stop - start)
-    v = centres[pick] + scale * rng.standard_normal((stop - start, d),
-                                                    dtype=np.float32)
+    step = scale * rng.standard_normal((stop - start, d), dtype=np.float32)
+    if noise_spread > 0:
+      step *= rng.lognormal(0.0, noise_spread, size=(stop - start, 1)).astype(np.float32)
+    v = centres[pick] + step
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     out[start:stop] = v
   return out
 
 
-def make_data(n: int, dim: int, n_queries: int, n_tune: int,
-              clusters: int | None, noise: float, seed: int):
-  rng = np.random.default_rng(seed)
+def unit_centres(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
+  c = rng.standard_normal((count, dim), dtype=np.float32)
+  return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def make_centres(rng: np.random.Generator, kind: str, n: int, dim: int,
+                 clusters: int | None) -> np.ndarray:
+  """Cluster centres of the synthetic database.
+
+  'flat': `clusters` (default n // 100) independent random unit centres.
+  'clustered': a two-level hierarchy: n // 10,000 (>= 2) top-level directions,
+  and `clusters` (default n // 100) sub-centres scattered around them at
+  noise 1.0 (cosine ~0.7 to their top centre); vectors then scatter around the
+  sub-centres with log-normal noise (`make_data`), so clusters overlap within
+  a top-level group and the boundaries are fuzzy.
+  """
   clusters = max(1, n // 100) if clusters is None else clusters
-  centres = rng.standard_normal((clusters, dim), dtype=np.float32)
-  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-  db = clustered_unit_vectors(rng, centres, n, noise)
-  queries = clustered_unit_vectors(rng, centres, n_queries, noise)
-  tune = clustered_unit_vectors(rng, centres, n_tune, noise)
-  return db, queries, tune, clusters
+  if kind == "flat":
+    return unit_centres(rng, clusters, dim)
+  if kind != "clustered":
+    raise ValueError(f"data kind {kind!r}: choose clustered or flat")
+  top = unit_centres(rng, max(2, n // 10_000), dim)
+  return clustered_unit_vectors(rng, top, clusters, 1.0)
+
+
+def make_data(n: int, dim: int, n_queries: int, n_tune: int,
+              clusters: int | None, noise: float, seed: int,
+              kind: str = "clustered", noise_spread: float | None = None):
+  """(db, evaluation queries, tuning queries, centre count): all drawn alike,
+  the queries fresh draws (not database rows)."""
+  rng = np.random.default_rng(seed)
+  centres = make_centres(rng, kind, n, dim, clusters)
+  spread = (0.25 if kind == "clustered" else 0.0) if noise_spread is None else noise_spread
+  draw = lambda count: clustered_unit_vectors(rng, centres, count, noise,
+                                              noise_spread=spread)
+  db = draw(n)
+  queries = draw(n_queries)
+  tune = draw(n_tune)
+  return db, queries, tune, len(centres)
 
 
 def _timed(fn):
   t0 = time.perf_counter()
   out = fn()
   return out, time.perf_counter() - t0
+
+
+def _latency(fn, queries: np.ndarray, count: int) -> dict:
+  """p50/p99 (ms) of `fn(one query)` over `count` queries, after a warm-up."""
+  fn(queries[:1])
+  times = [_timed(lambda i=i: fn(queries[i:i + 1]))[1]
+           for i in range(min(count, len(queries)))]
+  return {"single_ms_p50": 1e3 * float(np.median(times)),
+          "single_ms_p99": 1e3 * float(np.percentile(times, 99))}
 
 
 def bench_exact(db_dev: jax.Array, queries: np.ndarray, k: int, chunk: int,
@@ -104,95 +170,194 @@ def bench_exact(db_dev: jax.Array, queries: np.ndarray, k: int, chunk: int,
                                       query_batch_size=nq)
   _, compile_s = _timed(lambda: run(queries))
   (_, exact), batch_s = _timed(lambda: run(queries))
-  single = lambda q: search.exact_search(q, db_dev, k, chunk_size=chunk)
-  single(queries[:1])  # compile the one-query shape
-  times = [_timed(lambda i=i: single(queries[i:i + 1]))[1]
-           for i in range(min(n_single, 20, nq))]
+  lat = _latency(lambda q: search.exact_search(q, db_dev, k, chunk_size=chunk),
+                 queries, min(n_single, 50))
   n, dim = db_dev.shape
   return {
-      "backend": "exact_jax",
-      "device": jax.devices()[0].device_kind,
-      "n": n, "dim": dim, "queries": nq, "k": k,
-      "qps": nq / batch_s,
-      "batch_s": batch_s,
-      "first_call_s": compile_s,
-      "single_ms_mean": 1e3 * float(np.mean(times)),
-      "single_ms_p50": 1e3 * float(np.median(times)),
-      "recall_at_k": 1.0,
-      "bytes_per_image": 4 * dim,
+      "row": "exact", "device": jax.devices()[0].device_kind, "devices": 1,
+      "n": n, "dim": dim, "queries": nq, "k": k, "recall_at_k": 1.0,
+      "qps": nq / batch_s, "first_call_s": compile_s, **lat,
+      "build_s": 0.0, "bytes_per_image": 4 * dim,
   }, exact
 
 
-def bench_scann(db: np.ndarray, queries: np.ndarray, exact: np.ndarray,
-                tune: np.ndarray, tune_exact: np.ndarray, k: int,
-                target: float, margin: float, num_leaves: int | None,
-                train_sample: int, n_single: int) -> dict:
+def bench_sharded(db: np.ndarray, queries: np.ndarray, k: int, chunk: int,
+                  exact: np.ndarray | None) -> list[dict]:
+  """Sharded exact search over all devices of this process (float32, bf16 and
+  int8 + float32 re-score); recall against `exact` (or the float32 row)."""
+  mesh = parallel.make_mesh(1)
+  rows, ref = [], exact
   n, dim = db.shape
-  if num_leaves is None:
-    num_leaves = ann.default_num_leaves(n) * 2  # ~2000 at 1M, as the anchors
-    num_leaves = max(1, min(num_leaves, n // 20))
+  nq = len(queries)
+  placed = {}
+  for score_dtype, rescore in SHARDED_MODES:
+    storage = "float32"
+    if storage not in placed:
+      placed[storage], place_s = _timed(lambda: search.place_database(db, mesh))
+    sdb = placed[storage]
+    run = lambda q, sd=score_dtype, rs=rescore: search.sharded_exact_search(
+        q, sdb, k, score_dtype=sd, rescore=rs, chunk_size=chunk, query_batch_size=nq)
+    _, compile_s = _timed(lambda: run(queries))
+    (_, found), batch_s = _timed(lambda: run(queries))
+    if ref is None:
+      ref = found
+    row = {"row": f"exact_sharded_{score_dtype}" + ("_rescore" if rescore else ""),
+           "devices": jax.device_count(), "n": n, "dim": dim, "queries": nq, "k": k,
+           "recall_at_k": ann.recall_at_k(found, ref, k), "qps": nq / batch_s,
+           "first_call_s": compile_s, "build_s": place_s, "bytes_per_image": 4 * dim}
+    row["settings"] = f"{jax.device_count()} devices, rows split"
+    if exact is not None and score_dtype == "float32":
+      # Orders can differ only where two float32 scores are within rounding
+      # (different matmul shapes sum in a different order).
+      row["same_indices_as_one_device"] = bool((found == exact).all())
+      row["same_position_fraction"] = float((found == exact).mean())
+      row["settings"] += (f"; vs 1 device: same top-k sets {row['recall_at_k']:.4f}, "
+                          f"same positions {row['same_position_fraction']:.4f}")
+    rows.append(row)
+  return rows
+
+
+def _run_sharded_child(exact: np.ndarray) -> list[dict]:
+  """The exact_sharded rows from a subprocess with fake CPU devices."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "exact.npy")
+    np.save(path, exact)
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                        f"{_SHARDED_DEVICES.value}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    same = {f.name: f.value for f in (_DATA, _N, _DIM, _QUERIES, _TUNE_QUERIES, _K, _NOISE,
+                                      _SEED, _CHUNK, _CLUSTERS, _SHARDED_QUERIES)
+            if f.value is not None}
+    args = [sys.executable, "-m", "qaff_jax.bench.search", "--backends=exact_sharded",
+            f"--exact_file={path}"] + [f"--{name}={v}" for name, v in same.items()]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise RuntimeError(f"exact_sharded subprocess failed: {proc.stderr[-2000:]}")
+  return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def build_scann_for(db: np.ndarray, num_leaves: int, train_sample: int, k: int) -> tuple:
+  """(num_leaves, searcher, build_s): tree + AH 2 dims/block + re-ordering."""
   searcher, build_s = _timed(lambda: ann.build_scann(
       db, num_leaves=num_leaves, training_sample_size=train_sample, k=k,
-      reorder=10 * k))
+      dims_per_block=2, anisotropic_quantization_threshold=0.2,
+      reorder=min(len(db), ann.REORDER_FACTOR_MAX * (k + 1))))
+  return ann.num_leaves_of(searcher), searcher, build_s
+
+
+def index_size(searcher, n: int) -> float:
   with tempfile.TemporaryDirectory() as tmp:
-    ann.save_scann(searcher, tmp)
-    files = ann.index_bytes(tmp, per_file=True)
-  total = sum(files.values())
-  reorder_copy = files.get("dataset.npy", 0)
-  out = {"backend": "scann", "n": n, "dim": dim, "queries": len(queries),
-         "k": k, "build_s": build_s, "num_leaves": ann.num_leaves_of(searcher),
-         "training_sample_size": min(n, train_sample),
-         "bytes_per_image": total / n,
-         "bytes_per_image_without_reorder_copy": (total - reorder_copy) / n}
-  if out["num_leaves"] is None:  # brute force (tiny n)
-    leaves, reorder, tuned = None, None, {"met_target": True}
-  else:
-    tuned = ann.tune_scann(searcher, tune, tune_exact, k,
-                           target_recall=min(1.0, target + margin))
-    leaves, reorder = tuned["leaves_to_search"], tuned["reorder"]
+    return ann.bytes_per_image(ann.save_scann(searcher, tmp), n)
+
+
+def scann_row(name: str, searcher, queries: np.ndarray, exact: np.ndarray, k: int,
+              leaves: int, reorder: int, n_single: int) -> dict:
   _, found = ann.scann_search(searcher, queries, k, leaves, reorder)
-  lat = ann.measure_latency(searcher, queries, k, leaves, reorder,
-                            num_single=n_single)
-  out.update({
-      "leaves_to_search": leaves, "reorder": reorder,
-      "target_recall": target, "tuning_met_target": tuned["met_target"],
-      "tuning_recall": tuned.get("recall"),
-      "recall_at_k": ann.recall_at_k(found, exact, k),
-      "qps": lat["parallel_qps"],
-      "qps_one_thread": lat["batched_qps"],
-      "single_ms_mean": lat["single_ms_mean"],
-      "single_ms_p50": lat["single_ms_p50"],
-      "single_ms_p99": lat["single_ms_p99"],
-  })
-  return out
+  lat = ann.measure_latency(searcher, queries, k, leaves, reorder, num_single=n_single)
+  return {"row": name, "k": k, "queries": len(queries),
+          "recall_at_k": ann.recall_at_k(found, exact, k),
+          "qps": lat["parallel_qps"], "qps_one_thread": lat["batched_qps"],
+          "single_ms_p50": lat["single_ms_p50"], "single_ms_p99": lat["single_ms_p99"],
+          "leaves_to_search": leaves, "reorder": reorder,
+          "num_leaves": ann.num_leaves_of(searcher)}
+
+
+def hand_settings(n: int, k: int) -> tuple[int, int, int]:
+  """(num_leaves, leaves_to_search, reorder) of the hand-picked ScaNN: 2 sqrt(n)
+  leaves, 16% searched, reorder 5 k (at 1M: 2000, 320, 500)."""
+  leaves = max(1, min(round(2 * math.sqrt(n)), n // 20))
+  return leaves, max(1, round(0.16 * leaves)), 5 * k
+
+
+def format_table(rows: list[dict]) -> str:
+  head = ("| row | recall@k | QPS batched | p50 ms | p99 ms | build s | bytes/image | "
+          "settings |\n|---|---|---|---|---|---|---|---|")
+  lines = [head]
+  num = lambda v, fmt: "-" if v is None else format(v, fmt)
+  for r in rows:
+    lines.append(
+        f"| {r['row']} | {r['recall_at_k']:.4f} | {r['qps']:.0f} | "
+        f"{num(r.get('single_ms_p50'), '.2f')} | {num(r.get('single_ms_p99'), '.2f')} | "
+        f"{r.get('build_s', 0):.1f} | {num(r.get('bytes_per_image'), '.0f')} | "
+        f"{r.get('settings', '')} |")
+  return "\n".join(lines)
 
 
 def main(argv):
   del argv
-  unknown = sorted(set(_BACKENDS.value) - {"exact", "scann"})
+  unknown = sorted(set(_BACKENDS.value) - set(BACKENDS))
   if unknown:
-    raise cli_util.UsageError(f"--backends: unknown {unknown}; choose from exact, scann")
+    raise cli_util.UsageError(f"--backends: unknown {unknown}; choose from "
+                              f"{', '.join(BACKENDS)}")
+  try:
+    targets = [float(t) for t in _TARGET.value]
+  except ValueError:
+    raise cli_util.UsageError(f"--target_recall={_TARGET.value}: give numbers") from None
+  n, dim, k = _N.value, _DIM.value, _K.value
   t0 = time.perf_counter()
-  db, queries, tune, clusters = make_data(
-      _N.value, _DIM.value, _QUERIES.value, _TUNE_QUERIES.value,
-      _CLUSTERS.value, _NOISE.value, _SEED.value)
-  data_s = time.perf_counter() - t0
-  common = {"clusters": clusters, "noise": _NOISE.value, "seed": _SEED.value,
-            "cpu_count": os.cpu_count(), "data_s": data_s}
-  k = _K.value
+  db, queries, held_out, clusters = make_data(
+      n, dim, _QUERIES.value, 2 * _TUNE_QUERIES.value, _CLUSTERS.value, _NOISE.value,
+      _SEED.value, kind=_DATA.value)
+  tune, verify = held_out[:_TUNE_QUERIES.value], held_out[_TUNE_QUERIES.value:]
+  common = {"data": _DATA.value, "n": n, "dim": dim, "clusters": clusters,
+            "noise": _NOISE.value, "seed": _SEED.value, "cpu_count": os.cpu_count(),
+            "data_s": time.perf_counter() - t0}
+  if _EXACT_FILE.value:   # the exact_sharded subprocess
+    m = _SHARDED_QUERIES.value
+    for row in bench_sharded(db, queries[:m], k, _CHUNK.value, np.load(_EXACT_FILE.value)[:m]):
+      print(json.dumps({**row, **common}), flush=True)
+    return
+  rows = []
+
+  def emit(row):
+    rows.append(row)
+    print(json.dumps({**row, **common}), flush=True)
+
   db_dev = jax.device_put(db)
-  exact_out, exact = bench_exact(db_dev, queries, k, _CHUNK.value,
-                                 _SINGLE.value)
+  exact_row, exact = bench_exact(db_dev, queries, k, _CHUNK.value, _SINGLE.value)
   if "exact" in _BACKENDS.value:
-    print(json.dumps({**exact_out, **common}), flush=True)
-  if "scann" in _BACKENDS.value:
-    _, tune_exact = search.exact_search(tune, db_dev, k,
-                                        chunk_size=_CHUNK.value)
-    del db_dev
-    out = bench_scann(db, queries, exact, tune, tune_exact, k, _TARGET.value,
-                      _MARGIN.value, _NUM_LEAVES.value, _TRAIN_SAMPLE.value,
-                      _SINGLE.value)
-    print(json.dumps({**out, **common}), flush=True)
+    emit(exact_row)
+  if "exact_sharded" in _BACKENDS.value:
+    for row in _run_sharded_child(exact):
+      emit({key: v for key, v in row.items() if key not in common})
+  builds = {}
+  hand = hand_settings(n, k)
+  if "scann_hand" in _BACKENDS.value:
+    builds[hand[0]] = build_scann_for(db, hand[0], _TRAIN_SAMPLE.value, k)
+    leaves, searcher, build_s = builds[hand[0]]
+    row = scann_row("scann_hand", searcher, queries, exact, k, hand[1], hand[2],
+                    _SINGLE.value)
+    emit({**row, "build_s": build_s, "bytes_per_image": index_size(searcher, n),
+          "settings": f"{leaves} leaves, {hand[1]} searched, reorder {hand[2]}"})
+  if "scann_target" in _BACKENDS.value:
+    for leaves in ann.default_leaves_options(n):
+      if leaves not in builds:
+        builds[leaves] = build_scann_for(db, leaves, _TRAIN_SAMPLE.value, k)
+    tuned = ann.tune_for_recall(
+        db, k, targets, tune_queries=tune, verify_queries=verify,
+        builds=[builds[b] for b in sorted(builds)], exact_db=db_dev,
+        training_sample_size=_TRAIN_SAMPLE.value, num_single=_SINGLE.value)
+    for target, t in zip(targets, tuned):
+      rep = t.report
+      print(json.dumps({"tuning_report": rep}, default=str), flush=True)
+      name = f"scann_target_{target:g}"
+      if t.backend == "exact":
+        emit({**{key: exact_row[key] for key in ("recall_at_k", "qps", "single_ms_p50",
+                                                 "single_ms_p99", "bytes_per_image")},
+              "row": f"{name} (chose exact)", "build_s": 0.0, "settings": rep["reason"]})
+        continue
+      s = t.settings
+      row = scann_row(name, t.searcher, queries, exact, k, s["leaves_to_search"],
+                      s["reorder"], _SINGLE.value)
+      emit({**row, "build_s": rep["build_s"], "bytes_per_image": rep["bytes_per_image"],
+            "verified_recall": rep["verified_recall"], "tuning_s": rep["tuning_s"],
+            "settings_tried": rep["settings_tried"], "settings_bound": rep["settings_bound"],
+            "settings": f"{s['num_leaves']} leaves, {s['leaves_to_search']} searched, "
+                        f"reorder {s['reorder']}; verified {rep['verified_recall']:.4f}; "
+                        f"{rep['settings_tried']} tried (bound {rep['settings_bound']}), "
+                        f"tuning {rep['tuning_s']:.0f} s"})
+  print(format_table(rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ reorder=500. Recall depends on the data: tune with `tune_scann`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import re
@@ -335,3 +337,437 @@ def tune_scann(
   else:
     best = max(trials, key=lambda t: (t["recall"], t["qps"]))
   return {**best, "met_target": bool(good), "trials": trials}
+
+
+# ---------------------------------------------------------------------------
+# Recall-targeted index: the build and the search settings chosen for the
+# database at hand, the promised recall verified on held-out queries.
+#
+# 1. Queries: given tuning / verification sets, or (default) two disjoint
+#    random samples of database rows searched leave-one-out: each row is
+#    searched for k + 1 neighbours and itself is dropped from both the exact
+#    and the approximate result, so a row never "finds itself".
+# 2. Exact top-k of both sets with `search.exact_search`; the second call is
+#    timed: exact search's batched queries/s on this database.
+# 3. Builds: tree + AH (anisotropic 0.2) + float32 re-ordering, with
+#    sqrt(n) and 2 sqrt(n) leaves (`leaves_options`).
+# 4. Per build and target, on the tuning set: leaves_to_search doubles from
+#    1% of the leaves at a generous fixed reorder until the target is met,
+#    then bisects down; at that count and two larger ones the smallest
+#    reorder still meeting it is bisected on a sqrt(2) grid. A setting meets
+#    the target when its recall minus one standard error does. Recalls are
+#    memoised, so a second target re-uses the first one's searches.
+# 5. The candidates' batched queries/s are measured; the fastest wins, is
+#    checked on the verification set (one step up, x1.25 leaves and reorder,
+#    if it misses) and timed; exact search is chosen instead when it is
+#    faster or when no setting meets the target.
+
+SETTINGS_FILE = "qaff_search_settings.json"
+SETTINGS_FORMAT = 1
+MAX_TRIALS = 40          # recall evaluations per (build, target)
+LEAVES_START = 0.01      # first leaves_to_search, as a fraction of the leaves
+REORDER_FACTOR_MAX = 20  # the fixed reorder of the leaves walk: 20 k
+
+
+def default_leaves_options(n: int) -> list[int]:
+  """Leaf counts tried by `tune_for_recall`: sqrt(n) and 2 sqrt(n) (>= 20 rows a leaf)."""
+  root = math.sqrt(n)
+  return sorted({int(max(1, min(round(f * root), n // 20))) for f in (1, 2)})
+
+
+def choose_backend(scann_qps: float | None, exact_qps: float, met_target: bool
+                   ) -> tuple[str, str]:
+  """('scann' | 'exact', why): ScaNN only if it met the target and is faster."""
+  if not met_target or scann_qps is None:
+    return "exact", "no ScaNN setting met the target recall"
+  if exact_qps >= scann_qps:
+    return "exact", (f"exact search is faster at this size ({exact_qps:.0f} vs "
+                     f"{scann_qps:.0f} queries/s batched)")
+  return "scann", f"ScaNN is {scann_qps / exact_qps:.2f}x faster than exact search"
+
+
+def per_query_recall(approx_indices: Any, exact_indices: Any, k: int) -> np.ndarray:
+  """[nq] fraction of each query's exact top-k in its approximate top-k."""
+  a = np.asarray(approx_indices)[:, :k].astype(np.int64)
+  e = np.asarray(exact_indices)[:, :k].astype(np.int64)
+  both = np.sort(np.concatenate([a, e], axis=1), axis=1)
+  hits = (both[:, 1:] == both[:, :-1]) & (both[:, 1:] >= 0)
+  return hits.sum(axis=1) / k
+
+
+def drop_self(indices: np.ndarray, self_rows: np.ndarray | None, k: int) -> np.ndarray:
+  """[nq, k]: each row of `indices` ([nq, k + 1]) without its query's own index
+  (or without its last entry when the query's row is not among them)."""
+  idx = np.asarray(indices)
+  if self_rows is None:
+    return idx[:, :k]
+  hit = idx == np.asarray(self_rows)[:, None]
+  first = hit & (np.cumsum(hit, axis=1) == 1)
+  first[~first.any(axis=1), -1] = True
+  return idx[~first].reshape(idx.shape[0], idx.shape[1] - 1)[:, :k]
+
+
+def db_digest(db: np.ndarray) -> str:
+  """A content hash of the database (shape + bytes), to tie saved settings to it."""
+  import hashlib  # noqa: PLC0415
+  h = hashlib.sha1(repr((db.shape, str(db.dtype))).encode())
+  for start in range(0, db.shape[0], 65536):
+    h.update(np.ascontiguousarray(db[start:start + 65536]).data)
+  return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class TunedSearch:
+  """The outcome of `tune_for_recall`: what to search with, and the evidence."""
+  backend: str                 # 'scann' | 'exact'
+  searcher: Any                # the ScaNN searcher (None for exact)
+  settings: dict               # num_leaves, leaves_to_search, reorder, k, ...
+  report: dict                 # recall, speed, sizes, tuning cost (see tune_for_recall)
+
+  def search(self, queries: Any, k: int, exact_db: Any = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k with the tuned settings (exact search over `exact_db` if chosen)."""
+    if self.backend == "exact":
+      if exact_db is None:
+        raise ValueError("the tuned backend is exact search: pass the database")
+      from qaff_jax.evaluation import search as search_lib  # noqa: PLC0415
+      return search_lib.exact_search(queries, exact_db, k)
+    return scann_search(self.searcher, queries, k, self.settings["leaves_to_search"],
+                        self.settings["reorder"])
+
+
+def save_tuned(tuned: TunedSearch, directory: str | os.PathLike,
+               write_index: bool = True) -> str:
+  """The index (ScaNN only) and `SETTINGS_FILE` with settings + report in `directory`."""
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  if tuned.searcher is not None and write_index:
+    save_scann(tuned.searcher, directory)
+  body = {"format": SETTINGS_FORMAT, "backend": tuned.backend,
+          "settings": tuned.settings, "report": tuned.report}
+  tmp = os.path.join(directory, SETTINGS_FILE + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(body, f, indent=1, sort_keys=True, default=float)
+  os.replace(tmp, os.path.join(directory, SETTINGS_FILE))
+  return directory
+
+
+def load_tuned(directory: str | os.PathLike) -> TunedSearch:
+  """What `save_tuned` wrote: the searcher (if ScaNN) with its tuned settings."""
+  directory = os.fspath(directory)
+  path = os.path.join(directory, SETTINGS_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no tuned search settings ({SETTINGS_FILE}) in {directory}")
+  with open(path, encoding="utf-8") as f:
+    body = json.load(f)
+  if body.get("format") != SETTINGS_FORMAT:
+    raise ValueError(f"{path}: settings format {body.get('format')}, want {SETTINGS_FORMAT}")
+  searcher = load_scann(directory) if body["backend"] == "scann" else None
+  return TunedSearch(body["backend"], searcher, body["settings"], body["report"])
+
+
+class _Trials:
+  """Memoised recall evaluations of one searcher on one query set."""
+
+  def __init__(self, searcher, queries, exact, self_rows, k: int):
+    self.searcher, self.q, self.exact, self.self_rows, self.k = (
+        searcher, queries, exact, self_rows, k)
+    self.width = k + (0 if self_rows is None else 1)
+    self.seen: dict[tuple[int, int], tuple[float, float]] = {}
+
+  def __call__(self, leaves: int, reorder: int) -> tuple[float, float]:
+    key = (int(leaves), int(reorder))
+    if key not in self.seen:
+      _, found = scann_search(self.searcher, self.q, self.width, *key)
+      r = per_query_recall(drop_self(found, self.self_rows, self.k), self.exact, self.k)
+      self.seen[key] = (float(r.mean()), float(r.std(ddof=1) / math.sqrt(max(1, len(r) - 1))))
+    return self.seen[key]
+
+
+def _walk(trials: _Trials, num_leaves: int, target: float, reorder_max: int,
+          max_trials: int) -> list[tuple[int, int]]:
+  """(leaves_to_search, reorder) candidates meeting `target` (at most 3)."""
+  def ok(leaves, reorder):
+    mean, se = trials(leaves, reorder)
+    return mean - se >= target
+
+  budget = [max_trials]
+
+  def test(leaves, reorder):
+    if (leaves, reorder) not in trials.seen:
+      if budget[0] <= 0:
+        return False
+      budget[0] -= 1
+    return ok(leaves, reorder)
+
+  # Leaves: double from 1% up to all, then bisect between the last miss and hit.
+  lo, hi = 0, None
+  leaves = max(1, math.ceil(LEAVES_START * num_leaves))
+  while hi is None:
+    if test(leaves, reorder_max):
+      hi = leaves
+    elif leaves >= num_leaves or budget[0] <= 0:
+      return []
+    else:
+      lo, leaves = leaves, min(num_leaves, 2 * leaves)
+  while hi - lo > max(1, hi // 20) and budget[0] > 0:
+    mid = (lo + hi) // 2
+    if test(mid, reorder_max):
+      hi = mid
+    else:
+      lo = mid
+  # Reorder: the smallest on a sqrt(2) grid still meeting the target, at the
+  # minimal leaves and at two larger counts (more leaves may allow less reorder).
+  grid = sorted({min(reorder_max, math.ceil(trials.width * 2 ** (i / 2)))
+                 for i in range(2 * math.ceil(math.log2(reorder_max / trials.width)) + 1)})
+  found = []
+  for leaves in sorted({hi, min(num_leaves, math.ceil(1.25 * hi)),
+                        min(num_leaves, math.ceil(1.6 * hi))}):
+    lo_i, hi_i = -1, len(grid) - 1   # grid[hi_i] meets the target (monotone in leaves)
+    while hi_i - lo_i > 1 and budget[0] > 0:
+      mid = (lo_i + hi_i) // 2
+      if test(leaves, grid[mid]):
+        hi_i = mid
+      else:
+        lo_i = mid
+    if ok(leaves, grid[hi_i]):
+      found.append((leaves, grid[hi_i]))
+  return found
+
+
+def _batched_qps(searcher, queries, k: int, leaves: int, reorder: int,
+                 repeats: int = 2) -> float:
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    searcher.search_batched_parallel(queries, k, reorder, leaves)
+    best = min(best, time.perf_counter() - t0)
+  return queries.shape[0] / best
+
+
+def tune_for_recall(
+    db: Any,
+    k: int,
+    targets: float | Sequence[float],
+    *,
+    tune_queries: Any = None,
+    verify_queries: Any = None,
+    n_tune: int = 1000,
+    n_verify: int = 1000,
+    leaves_options: Sequence[int] | None = None,
+    training_sample_size: int | None = None,
+    dims_per_block: int = 2,
+    anisotropic_quantization_threshold: float = 0.2,
+    builds: Sequence[tuple[int, Any, float]] | None = None,
+    exact_db: Any = None,
+    max_trials: int = MAX_TRIALS,
+    index_dir: str | os.PathLike | None = None,
+    num_single: int = 200,
+    seed: int = 0,
+) -> TunedSearch | list[TunedSearch]:
+  """The fastest search (ScaNN or exact) meeting each recall@k target.
+
+  Args:
+    db: [n, D] L2-normalised database.
+    k: neighbours per query.
+    targets: recall@k to promise (one float: one result; a list: one each,
+      sharing the builds and the exact ground truth).
+    tune_queries, verify_queries: held-out query sets (default: `n_tune` and
+      `n_verify` disjoint random database rows, searched leave-one-out).
+    leaves_options: tree sizes to build (default `default_leaves_options(n)`).
+    training_sample_size: k-means / AH training sample (default min(n, 250k)).
+    dims_per_block, anisotropic_quantization_threshold: AH settings.
+    builds: already built searchers as (num_leaves, searcher, build_s), used
+      instead of building `leaves_options` (they must have re-ordering on).
+    exact_db: the database already on the device (for the exact searches).
+    max_trials: recall evaluations per (build, target); the settings tried are
+      at most max_trials * builds * targets, plus 3 timed candidates each.
+    index_dir: where the index and `SETTINGS_FILE` are written (only with a
+      single target; default: a temporary folder, for bytes per image only).
+    num_single: queries timed one by one for the latency percentiles.
+    seed: query sampling seed.
+
+  Returns:
+    `TunedSearch` (or a list of them). Its report: target_recall, backend,
+    reason, verified_recall (on the verification set, against exact search),
+    verified, stepped_up, tuning_recall (+ its standard error), qps_batched
+    (multi-threaded batched ScaNN), qps_one_thread, single_ms_p50/p99,
+    exact_qps, build_s, builds_s_total, bytes_per_image, tuning_s,
+    settings_tried, settings_bound, candidates (every build's best), queries.
+  """
+  import tempfile  # noqa: PLC0415
+  from qaff_jax.evaluation import search as search_lib  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+
+  single = isinstance(targets, (int, float))
+  targets = [float(targets)] if single else [float(t) for t in targets]
+  if not targets or not all(0.0 < t <= 1.0 for t in targets):
+    raise ValueError(f"target recalls must be in (0, 1], got {targets}")
+  if index_dir is not None and not single:
+    raise ValueError("index_dir needs a single target")
+  x = _f32_matrix(db, "db")
+  n, dim = x.shape
+  k = max(1, min(int(k), n - 1 if n > 1 else 1))
+  t_start = time.perf_counter()
+
+  # Queries: given, or held-out database rows searched leave-one-out.
+  rng = np.random.default_rng(seed)
+  if tune_queries is None or verify_queries is None:
+    m = min(n_tune + n_verify, n)
+    rows = rng.choice(n, size=m, replace=False)
+    n_t = max(1, min(n_tune, m // 2))
+    tune_self, verify_self = rows[:n_t], rows[n_t:]
+    tq, vq = x[tune_self], x[verify_self]
+    source = "database rows, leave-one-out"
+  else:
+    tune_self = verify_self = None
+    tq, vq = _f32_matrix(tune_queries, "tune_queries"), _f32_matrix(verify_queries,
+                                                                    "verify_queries")
+    source = "given"
+  width = k + (0 if tune_self is None else 1)
+  width = min(width, n)
+
+  # Exact ground truth, and exact search's speed on the same queries.
+  dev = jax.device_put(x) if exact_db is None else exact_db
+  batch = max(len(tq), len(vq))
+  exact = lambda q: search_lib.exact_search(q, dev, width, query_batch_size=batch)[1]
+  tune_exact = drop_self(exact(tq), tune_self, k)
+  t0 = time.perf_counter()
+  verify_exact = drop_self(exact(vq), verify_self, k)
+  exact_s = time.perf_counter() - t0
+  if len(vq) < batch:   # a smaller set compiled a new shape: time it again
+    t0 = time.perf_counter()
+    exact(vq)
+    exact_s = time.perf_counter() - t0
+  exact_qps = len(vq) / exact_s
+  common = {"n": n, "dim": dim, "k": k, "queries": source, "n_tune": len(tq),
+            "n_verify": len(vq), "exact_qps": exact_qps}
+
+  def exact_result(target, reason, extra=None) -> TunedSearch:
+    report = {**common, "target_recall": target, "backend": "exact", "reason": reason,
+              "verified_recall": 1.0, "verified": True, "qps_batched": exact_qps,
+              "bytes_per_image": 4 * dim, **(extra or {})}
+    return TunedSearch("exact", None, {"backend": "exact", "k": k}, report)
+
+  if n < BRUTE_FORCE_BELOW:
+    reason = f"n={n} < {BRUTE_FORCE_BELOW}: too small to partition"
+    out = [exact_result(t, reason, {"tuning_s": time.perf_counter() - t_start,
+                                    "settings_tried": 0}) for t in targets]
+    if index_dir is not None:
+      save_tuned(out[0], index_dir)
+    return out[0] if single else out
+
+  # Builds.
+  sample = min(n, DEFAULT_TRAINING_SAMPLE if training_sample_size is None
+               else int(training_sample_size))
+  reorder_max = min(n, REORDER_FACTOR_MAX * width)
+  if builds is None:
+    builds = []
+    for leaves in (leaves_options or default_leaves_options(n)):
+      t0 = time.perf_counter()
+      searcher = build_scann(
+          x, num_leaves=leaves, training_sample_size=sample, dims_per_block=dims_per_block,
+          anisotropic_quantization_threshold=anisotropic_quantization_threshold,
+          reorder=reorder_max, k=width)
+      builds.append((num_leaves_of(searcher), searcher, time.perf_counter() - t0))
+  builds_s = sum(b[2] for b in builds)
+
+  # Walks and candidate timings per (build, target).
+  t_tune = time.perf_counter()
+  per_build = [_Trials(s, tq, tune_exact, tune_self, k) for _, s, _ in builds]
+  timed: dict[tuple[int, int, int], float] = {}
+  results = []
+  for target in targets:
+    options = []
+    for b, (leaves, searcher, _) in enumerate(builds):
+      for cand in _walk(per_build[b], leaves, target, reorder_max, max_trials):
+        key = (b, *cand)
+        if key not in timed:
+          timed[key] = _batched_qps(searcher, tq, width, *cand)
+        options.append((timed[key], b, cand))
+    results.append((target, options))
+  tuning_s = time.perf_counter() - t_tune
+  tried = sum(len(t.seen) for t in per_build)
+  # Each walk: max_trials budgeted searches + at most 3 closing checks.
+  bound = (max_trials + 3) * len(builds) * len(targets)
+
+  out = []
+  for target, options in results:
+    common_t = {"tuning_s": tuning_s, "settings_tried": tried, "settings_timed": len(timed),
+                "settings_bound": bound, "builds_s_total": builds_s,
+                "candidates": [{"num_leaves": builds[b][0], "leaves_to_search": c[0],
+                                "reorder": c[1], "tuning_qps": qps,
+                                "tuning_recall": per_build[b](*c)[0]}
+                               for qps, b, c in sorted(options, reverse=True)]}
+    if not options:
+      out.append(exact_result(target, "no ScaNN setting met the target recall", common_t))
+      continue
+    _, b, (leaves, reorder) = max(options)
+    num_leaves, searcher, build_s = builds[b]
+    # Verification on the other held-out set; one step up if it misses.
+    check = _Trials(searcher, vq, verify_exact, verify_self, k)
+    verified_recall, stepped_up = check(leaves, reorder)[0], False
+    if verified_recall < target:
+      leaves = min(num_leaves, math.ceil(1.25 * leaves))
+      reorder = min(reorder_max, math.ceil(1.25 * reorder))
+      verified_recall, stepped_up = check(leaves, reorder)[0], True
+    lat = measure_latency(searcher, vq, width, leaves, reorder, num_single=num_single)
+    met = verified_recall >= target
+    backend, reason = choose_backend(lat["parallel_qps"], exact_qps, met)
+    settings = {"backend": backend, "k": k, "num_leaves": num_leaves,
+                "leaves_to_search": leaves, "reorder": reorder,
+                "training_sample_size": sample, "dims_per_block": dims_per_block,
+                "anisotropic_quantization_threshold": anisotropic_quantization_threshold}
+    report = {**common, **common_t, "target_recall": target, "backend": backend,
+              "reason": reason, "verified_recall": verified_recall, "verified": met,
+              "stepped_up": stepped_up, "tuning_recall": per_build[b](leaves, reorder)[0],
+              "tuning_recall_se": per_build[b](leaves, reorder)[1],
+              "qps_batched": lat["parallel_qps"], "qps_one_thread": lat["batched_qps"],
+              "single_ms_p50": lat["single_ms_p50"], "single_ms_p99": lat["single_ms_p99"],
+              "build_s": build_s, "scann_settings": settings}
+    if backend == "exact":
+      report.update(scann_qps_batched=report.pop("qps_batched"), qps_batched=exact_qps,
+                    scann_verified_recall=verified_recall, verified_recall=1.0,
+                    verified=True)
+    out.append(TunedSearch(backend, searcher if backend == "scann" else None,
+                           settings if backend == "scann" else {"backend": "exact", "k": k},
+                           report))
+  # Bytes per image of each chosen index on disk (written once per build).
+  if index_dir is not None:
+    save_tuned(out[0], index_dir)
+    if out[0].backend == "scann":
+      out[0].report["bytes_per_image"] = bytes_per_image(index_dir, n)
+  else:
+    sizes: dict[int, float] = {}
+    for t in out:
+      if t.backend == "scann":
+        if id(t.searcher) not in sizes:
+          with tempfile.TemporaryDirectory() as tmp:
+            sizes[id(t.searcher)] = bytes_per_image(save_scann(t.searcher, tmp), n)
+        t.report["bytes_per_image"] = sizes[id(t.searcher)]
+  for t in out:
+    t.report["total_s"] = time.perf_counter() - t_start
+  if index_dir is not None:
+    save_tuned(out[0], index_dir, write_index=False)   # with the measured size
+  return out[0] if single else out
+
+
+def format_report(report: dict) -> str:
+  """One line of a `tune_for_recall` report, for the command lines."""
+  s = report.get("scann_settings") or {}
+  parts = [f"target recall@{report['k']} {report['target_recall']:g}: {report['backend']}",
+           f"verified {report['verified_recall']:.4f} on {report['n_verify']} held-out "
+           f"queries ({report['queries']})"]
+  if report["backend"] == "scann":
+    parts.append(f"{report['qps_batched']:.0f} q/s batched (exact {report['exact_qps']:.0f}), "
+                 f"single p50/p99 {report['single_ms_p50']:.2f}/{report['single_ms_p99']:.2f}"
+                 f" ms, {report['bytes_per_image']:.0f} B/image, build {report['build_s']:.1f} s")
+  else:
+    parts.append(f"{report['qps_batched']:.0f} q/s batched")
+  if s:
+    parts.append(f"leaves {s['leaves_to_search']}/{s['num_leaves']}, reorder {s['reorder']}")
+  if "settings_tried" in report:
+    parts.append(f"{report['settings_tried']} settings tried (bound "
+                 f"{report.get('settings_bound', 0)}) in {report.get('tuning_s', 0):.1f} s")
+  parts.append(report["reason"])
+  return "; ".join(parts)

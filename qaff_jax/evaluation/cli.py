@@ -50,6 +50,7 @@ class Request:
   skip_missing: bool = False
   out: str | None = None
   scann_dir: str | None = None
+  target_recall: float | None = None  # ScaNN tuned for this recall@k (config: eval.scann)
   gldv2_solution: str | None = None   # retrieval_solution_v2.1.csv
   query_ids: str | None = None        # text files, one image id per line,
   db_ids: str | None = None           # in the row order of the feature files
@@ -101,8 +102,15 @@ def _write_ranks(path: str | None, name: str, indices: np.ndarray, several: bool
 
 
 def _search_kwargs(req: Request, config) -> dict:
-  return runner.search_kwargs(config, search=req.search, rerank=req.rerank, k=req.k,
-                              scann_dir=req.scann_dir)
+  kwargs = runner.search_kwargs(config, search=req.search, rerank=req.rerank, k=req.k,
+                                scann_dir=req.scann_dir)
+  if req.target_recall is not None:
+    if not 0.0 < req.target_recall <= 1.0:
+      raise UsageError(f"--target_recall={req.target_recall}: give a recall in (0, 1]")
+    if kwargs["backend"] != "scann":
+      raise UsageError("--target_recall tunes ScaNN: add --search scann")
+    kwargs["target_recall"] = float(req.target_recall)
+  return kwargs
 
 
 def run(req: Request, config) -> tuple[dict, dict, str]:

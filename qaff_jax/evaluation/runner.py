@@ -192,12 +192,19 @@ class SearchResult:
 def search_and_rerank(q: np.ndarray, db: np.ndarray, *, backend: str = "exact",
                       k: int | None = None, rerank: str = "none",
                       rerank_params: dict | None = None, scann_params: dict | None = None,
-                      scann_dir: str | None = None) -> SearchResult:
+                      scann_dir: str | None = None,
+                      target_recall: float = 0.0) -> SearchResult:
   """First-stage search (exact or ScaNN) then optional global re-ranking.
 
   `k` defaults to the whole database for exact search (the revisitop protocol
   scores full rankings) and to min(n_db, 1000) for ScaNN; a truncated ranking
   counts positives beyond k as not retrieved.
+
+  `target_recall` > 0 (ScaNN only): `ann.tune_for_recall` chooses the build and
+  the search settings for this database (or exact search, when that is faster
+  or ScaNN cannot reach the target); its report is `info['scann_tuning']`.
+  With `scann_dir`, the index and its settings are saved there and re-used by
+  a later call on the same database, k and target.
   """
   if backend not in BACKENDS:
     raise ValueError(f"--search={backend!r}; choose one of {BACKENDS}")
@@ -222,16 +229,32 @@ def search_and_rerank(q: np.ndarray, db: np.ndarray, *, backend: str = "exact",
   else:
     from qaff_jax.evaluation import ann
     k_ann = min(n_db, 1000) if k is None else min(k, n_db)
-    searcher = ann.build_scann(db, k=k_ann, **(scann_params or {}))
-    if scann_dir:
-      ann.save_scann(searcher, scann_dir)
-      info["scann_bytes_per_image"] = ann.bytes_per_image(scann_dir, n_db)
-    t0 = time.perf_counter()
-    scores, idx = ann.scann_search(searcher, q, k_ann)
-    info["scann_ms_per_query"] = 1e3 * (time.perf_counter() - t0) / max(1, q.shape[0])
-    kr = min(100, k_ann)
-    info[f"scann_recall@{kr}"] = ann.recall_at_k(idx, ex_idx, kr)
-    search_fn = lambda queries, kk: ann.scann_search(searcher, queries, kk)
+    if target_recall:
+      tuned = _tuned_search(db, k_ann, target_recall, scann_dir)
+      info["scann_tuning"] = tuned.report
+    if target_recall and tuned.backend == "exact":
+      info["search_used"] = "exact"   # tuned: exact search is faster or ScaNN misses
+      scores, idx = ex_scores, ex_idx
+    else:
+      if target_recall:
+        searcher = tuned.searcher
+        leaves, reorder = tuned.settings["leaves_to_search"], tuned.settings["reorder"]
+        if scann_dir:
+          info["scann_bytes_per_image"] = tuned.report["bytes_per_image"]
+      else:
+        searcher = ann.build_scann(db, k=k_ann, **(scann_params or {}))
+        leaves = reorder = None
+        if scann_dir:
+          ann.save_scann(searcher, scann_dir)
+          info["scann_bytes_per_image"] = ann.bytes_per_image(scann_dir, n_db)
+      info["search_used"] = "scann"
+      t0 = time.perf_counter()
+      scores, idx = ann.scann_search(searcher, q, k_ann, leaves, reorder)
+      info["scann_ms_per_query"] = 1e3 * (time.perf_counter() - t0) / max(1, q.shape[0])
+      kr = min(100, k_ann)
+      info[f"scann_recall@{kr}"] = ann.recall_at_k(idx, ex_idx, kr)
+      search_fn = lambda queries, kk: ann.scann_search(searcher, queries, kk, leaves,
+                                                       reorder)
 
   if rerank != "none":
     from qaff_jax.evaluation import rerank as rerank_lib
@@ -243,6 +266,25 @@ def search_and_rerank(q: np.ndarray, db: np.ndarray, *, backend: str = "exact",
     info["rerank"] = rerank
     info["rerank_ms_per_query"] = 1e3 * (time.perf_counter() - t0) / max(1, q.shape[0])
   return SearchResult(indices=np.asarray(idx), scores=np.asarray(scores), info=info)
+
+
+def _tuned_search(db: np.ndarray, k: int, target: float, scann_dir: str | None):
+  """`ann.tune_for_recall` for `db`, or the tuned index saved in `scann_dir`
+  when it was tuned for the same database (content hash), k and target."""
+  from qaff_jax.evaluation import ann
+  digest = ann.db_digest(db) if scann_dir else None
+  if scann_dir and os.path.isfile(os.path.join(scann_dir, ann.SETTINGS_FILE)):
+    saved = ann.load_tuned(scann_dir)
+    rep = saved.report
+    if (rep.get("db_digest") == digest and rep.get("k") == min(k, db.shape[0] - 1)
+        and rep.get("target_recall") == target):
+      logging.info("re-using the tuned index in %s", scann_dir)
+      return saved
+  tuned = ann.tune_for_recall(db, k, target, index_dir=scann_dir)
+  if scann_dir:
+    tuned.report["db_digest"] = digest
+    ann.save_tuned(tuned, scann_dir, write_index=False)
+  return tuned
 
 
 def _exact(q, db, k):
@@ -272,7 +314,7 @@ def search_kwargs(config, *, search: str | None = None, rerank: str | None = Non
       anisotropic_quantization_threshold=sc.anisotropic_quantization_threshold).items()
            if v is not None}
   return dict(backend=search or ev.search, k=k, rerank=method, rerank_params=params,
-              scann_params=scann, scann_dir=scann_dir)
+              scann_params=scann, scann_dir=scann_dir, target_recall=sc.target_recall)
 
 
 # ---------------------------------------------------------------------------
@@ -293,6 +335,8 @@ def report_name(step: int, settings: ExtractSettings, kwargs: dict, *,
   parts = [f"step{step}", kwargs.get("backend", "exact"), kwargs.get("rerank", "none")]
   if kwargs.get("k"):
     parts.append(f"k{kwargs['k']}")
+  if kwargs.get("target_recall") and kwargs.get("backend") == "scann":
+    parts.append(f"recall{kwargs['target_recall']:g}")
   if r1m:
     parts.append("r1m")
   return "_".join(parts + [settings.key()])
