@@ -26,7 +26,8 @@ ENTRY_POINTS = [
     "qaff_jax.train", "qaff_jax.evaluate", "qaff_jax.convert", "qaff_jax.compare",
     "qaff_jax.viz.fusion", "qaff_jax.data.demo", "qaff_jax.data.convert",
     "qaff_jax.bench.model", "qaff_jax.bench.extract", "qaff_jax.bench.train",
-    "qaff_jax.bench.search", "qaff_jax.compile", "qaff_jax.search",
+    "qaff_jax.bench.search", "qaff_jax.compile", "qaff_jax.search", "qaff_jax.reproduce",
+    "qaff_jax.data.download", "qaff_jax.data.build_gldv2", "qaff_jax.data.check",
 ]
 # compare.py is not switched to cli_util.run yet: absl's --help exits 1 there.
 NO_RUN = "/nonexistent/qaff_run"  # never created: each case fails before writing

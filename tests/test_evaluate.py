@@ -274,6 +274,11 @@ def test_hook_and_cli_are_one_evaluation_path(trained):
   assert f"step2_exact_aqe_{key}" in reports and f"step2_exact_none_{key}" in reports
   assert os.path.basename(out) == f"step2_exact_aqe_{key}"
   assert runner.latest_report(workdir).endswith(f"step2_exact_none_{key}")
+  # Each report has its self-contained HTML page: one section per query with its top 10.
+  with open(os.path.join(out, "report.html"), encoding="utf-8") as f:
+    page = f.read()
+  assert page.count('<img class="hit ') == ds.n_queries * 10
+  assert 'src="data:image/jpeg;base64,' in page   # images embedded, no external files
 
 
 def test_scann_target_recall_tunes_saves_and_reuses(tmp_path):

@@ -279,13 +279,17 @@ def _run_checkpoint(req: Request, config):
         req.r1m_root or os.path.dirname(os.path.abspath(req.r1m)))
     distractors = (paths, [os.path.relpath(p, base) for p in paths], list(missing))
   kwargs = _search_kwargs(req, config)
+  # report.html pictures the dataset's own images (not with R1M distractors ranked in).
+  views = {} if distractors is None else None
   results, info = runner.evaluate_network(
       config, net, mesh, step=step, workdir=req.workdir, data_root=root, datasets=names,
       kwargs=kwargs, distractors=distractors, skip_missing=req.skip_missing,
-      on_ranking=lambda name, idx: _write_ranks(req.ranks_out, name, idx, len(names) > 1))
+      on_ranking=lambda name, idx: _write_ranks(req.ranks_out, name, idx, len(names) > 1),
+      views=views)
   if req.out:
     return _finish(results, info, req, req.out)
   name = runner.report_name(step, runner.ExtractSettings.from_config(config.eval), kwargs,
                             r1m=len(distractors[0]) if distractors else 0)
-  out = runner.write_run_report(results, info, req.workdir, name, extra={"step": step})
+  out = runner.write_run_report(results, info, req.workdir, name, extra={"step": step},
+                                views=views, config=config)
   return results, info, out

@@ -31,12 +31,13 @@ def evaluate_state(config, graphdef, state, mesh, workdir: str, *, writer=None,
   step = int(state.step) if step is None else int(step)
   net = state_lib.merge_model(graphdef, state, train=False)
   kwargs = runner.search_kwargs(config)
+  views = {}
   results, info = runner.evaluate_network(
       config, net, mesh, step=step, workdir=workdir, data_root=config.eval.data_root,
-      datasets=dataset_names(config), kwargs=kwargs)
+      datasets=dataset_names(config), kwargs=kwargs, views=views)
   settings = runner.ExtractSettings.from_config(config.eval)
   runner.write_run_report(results, info, workdir, runner.report_name(step, settings, kwargs),
-                          extra={"step": step})
+                          extra={"step": step}, views=views, config=config)
   if writer is not None:
     writer.write(step, {f"eval/{name}/{k}": r[k] for name, r in results.items()
                         for k in HEADLINE if k in r})

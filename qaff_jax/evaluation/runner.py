@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -345,7 +346,8 @@ def report_name(step: int, settings: ExtractSettings, kwargs: dict, *,
 def evaluate_network(config, net, mesh, *, step: int, workdir: str | None,
                      data_root: str, datasets: Sequence[str], kwargs: dict,
                      distractors: tuple[list, list, list] | None = None,
-                     skip_missing: bool = False, on_ranking=None) -> tuple[dict, dict]:
+                     skip_missing: bool = False, on_ranking=None,
+                     views: dict | None = None) -> tuple[dict, dict]:
   """Extract (cached in the run's descriptor cache), search, re-rank, score.
 
   Args:
@@ -356,6 +358,9 @@ def evaluate_network(config, net, mesh, *, step: int, workdir: str | None,
     kwargs: `search_and_rerank` arguments (`search_kwargs`).
     distractors: (paths, ids, missing) of R1M images added to each database.
     on_ranking: called as `on_ranking(name, indices)` per dataset.
+    views: a dict to fill with what the HTML report shows, per dataset: the
+      `dataset`, the first `HTML_TOP` ranked `ranks` and the queries' `fusion`
+      weights (QAFF); pass it on to `write_run_report`.
   Returns:
     (results {dataset: revisitop metrics}, info {dataset: search info, step,
     extraction time, descriptor bytes, missing images, QAFF fusion summary}).
@@ -401,6 +406,9 @@ def evaluate_network(config, net, mesh, *, step: int, workdir: str | None,
       info[name]["fusion"] = fusion_stats.dataset_fusion_summary(config, q, db, ds)
     if on_ranking is not None:
       on_ranking(name, res.indices)
+    if views is not None:
+      views[name] = {"dataset": ds, "ranks": np.asarray(res.indices)[:, :HTML_TOP],
+                     "fusion": q.get("fusion_weights")}
     logging.info("%s (step %d): mAP E/M/H %.2f / %.2f / %.2f", name, step,
                  100 * results[name]["mAP_E"], 100 * results[name]["mAP_M"],
                  100 * results[name]["mAP_H"])
@@ -408,12 +416,15 @@ def evaluate_network(config, net, mesh, *, step: int, workdir: str | None,
 
 
 LATEST = "LATEST"   # eval/LATEST names the newest report folder
+HTML_TOP = 10       # retrieved images per query in report.html
 
 
 def write_run_report(results: dict, info: dict, workdir: str, name: str,
-                     extra: dict | None = None) -> str:
-  """`<workdir>/eval/<name>/report.{json,md}`, then `eval/LATEST` <- name and
-  `eval/report.{json,md}` <- a copy of it. Process 0 only; returns the folder."""
+                     extra: dict | None = None, views: dict | None = None,
+                     config=None) -> str:
+  """`<workdir>/eval/<name>/report.{json,md}` (and `report.html` with `views`
+  from `evaluate_network`), then `eval/LATEST` <- name and `eval/report.*` <- a
+  copy of it. Process 0 only; returns the folder."""
   from qaff_jax.evaluation import report  # noqa: PLC0415
   eval_dir = os.path.join(workdir, "eval")
   out = os.path.join(eval_dir, name)
@@ -422,6 +433,19 @@ def write_run_report(results: dict, info: dict, workdir: str, name: str,
   body = {"info": info, **(extra or {})}
   report.write_report(results, out, extra=body)
   report.write_report(results, eval_dir, extra={**body, "report": name})
+  if views:
+    grid, scales = None, ()
+    if config is not None and config.model.head == "qaff":
+      from qaff_jax.models import qaff  # noqa: PLC0415
+      settings = qaff.settings_from_config(config.model)
+      grid, scales = settings.grid, settings.scales
+    fusion = {k: v["fusion"] for k, v in views.items() if v["fusion"] is not None}
+    kw = dict(datasets={k: v["dataset"] for k, v in views.items()},
+              ranks={k: v["ranks"] for k, v in views.items()},
+              fusion=fusion if fusion and grid else None, grid=grid, scales=scales,
+              top=HTML_TOP, title=f"Retrieval report: {name}")
+    report.write_html_report(results, out, **kw)
+    shutil.copyfile(os.path.join(out, "report.html"), os.path.join(eval_dir, "report.html"))
   fd, tmp = tempfile.mkstemp(dir=eval_dir, suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     f.write(name + "\n")
