@@ -44,39 +44,46 @@ from qaff_jax import cli_util
 from qaff_jax import parallel
 from qaff_jax.evaluation import ann, search
 
-_DATA = flags.DEFINE_enum("data", "clustered", ["clustered", "flat"],
-                          "Synthetic data: hierarchical fuzzy clusters, or one level.")
-_N = flags.DEFINE_integer("n", 100_000, "Database size.")
-_DIM = flags.DEFINE_integer("dim", 512, "Descriptor dimension.")
-_QUERIES = flags.DEFINE_integer("queries", 1000, "Evaluation queries.")
-_TUNE_QUERIES = flags.DEFINE_integer(
-    "tune_queries", 1000, "Tuning queries, and as many verification queries (both held "
-    "out from the evaluation queries).")
-_K = flags.DEFINE_integer("k", 100, "Neighbours per query.")
-_CLUSTERS = flags.DEFINE_integer("clusters", None,
-                                 "Cluster (sub-)centres (default n // 100, >= 1).")
-_NOISE = flags.DEFINE_float("noise", 1.0,
-                            "Noise norm around a centre (1.0: cosine ~0.7).")
-_SEED = flags.DEFINE_integer("seed", 0, "Data seed.")
-_BACKENDS = flags.DEFINE_list(
-    "backends", ["exact", "exact_sharded", "scann_hand", "scann_target"],
-    "Rows to run: exact, exact_sharded, scann_hand, scann_target.")
-_TARGET = flags.DEFINE_list("target_recall", ["0.95", "0.99"],
-                            "Recall@k targets of the scann_target rows.")
-_TRAIN_SAMPLE = flags.DEFINE_integer("training_sample_size", 250_000,
-                                     "ScaNN training sample.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 50_000,
-                              "Exact search: database rows per step.")
-_SINGLE = flags.DEFINE_integer("single_queries", 200,
-                               "Queries timed one at a time (exact: at most 50).")
-_SHARDED_DEVICES = flags.DEFINE_integer(
-    "sharded_devices", 8, "Fake CPU devices of the exact_sharded row (its subprocess).")
-_SHARDED_QUERIES = flags.DEFINE_integer(
-    "sharded_queries", 200, "Evaluation queries of the exact_sharded rows (the first ones; "
-    "bf16 / int8 matmuls are slow on CPU).")
-_EXACT_FILE = flags.DEFINE_string(
-    "exact_file", None, "Internal (exact_sharded subprocess): the one-device exact "
-    "indices (.npy) to compare with.")
+
+def define_flags():
+  """Flags exist only when this runs as a program, so the library imports
+  cleanly beside other modules' flags (e.g. qaff_jax.compare also has --data)."""
+  global _DATA, _N, _DIM, _QUERIES, _TUNE_QUERIES, _K, _CLUSTERS, _NOISE, _SEED  # noqa: PLW0603
+  global _BACKENDS, _TARGET, _TRAIN_SAMPLE, _CHUNK, _SINGLE, _SHARDED_DEVICES  # noqa: PLW0603
+  global _SHARDED_QUERIES, _EXACT_FILE  # noqa: PLW0603
+  _DATA = flags.DEFINE_enum("data", "clustered", ["clustered", "flat"],
+                            "Synthetic data: hierarchical fuzzy clusters, or one level.")
+  _N = flags.DEFINE_integer("n", 100_000, "Database size.")
+  _DIM = flags.DEFINE_integer("dim", 512, "Descriptor dimension.")
+  _QUERIES = flags.DEFINE_integer("queries", 1000, "Evaluation queries.")
+  _TUNE_QUERIES = flags.DEFINE_integer(
+      "tune_queries", 1000, "Tuning queries, and as many verification queries (both held "
+      "out from the evaluation queries).")
+  _K = flags.DEFINE_integer("k", 100, "Neighbours per query.")
+  _CLUSTERS = flags.DEFINE_integer("clusters", None,
+                                   "Cluster (sub-)centres (default n // 100, >= 1).")
+  _NOISE = flags.DEFINE_float("noise", 1.0,
+                              "Noise norm around a centre (1.0: cosine ~0.7).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Data seed.")
+  _BACKENDS = flags.DEFINE_list(
+      "backends", ["exact", "exact_sharded", "scann_hand", "scann_target"],
+      "Rows to run: exact, exact_sharded, scann_hand, scann_target.")
+  _TARGET = flags.DEFINE_list("target_recall", ["0.95", "0.99"],
+                              "Recall@k targets of the scann_target rows.")
+  _TRAIN_SAMPLE = flags.DEFINE_integer("training_sample_size", 250_000,
+                                       "ScaNN training sample.")
+  _CHUNK = flags.DEFINE_integer("chunk_size", 50_000,
+                                "Exact search: database rows per step.")
+  _SINGLE = flags.DEFINE_integer("single_queries", 200,
+                                 "Queries timed one at a time (exact: at most 50).")
+  _SHARDED_DEVICES = flags.DEFINE_integer(
+      "sharded_devices", 8, "Fake CPU devices of the exact_sharded row (its subprocess).")
+  _SHARDED_QUERIES = flags.DEFINE_integer(
+      "sharded_queries", 200, "Evaluation queries of the exact_sharded rows (the first ones; "
+      "bf16 / int8 matmuls are slow on CPU).")
+  _EXACT_FILE = flags.DEFINE_string(
+      "exact_file", None, "Internal (exact_sharded subprocess): the one-device exact "
+      "indices (.npy) to compare with.")
 
 BACKENDS = ("exact", "exact_sharded", "scann_hand", "scann_target")
 SHARDED_MODES = (("float32", False), ("bfloat16", True), ("int8", True))
@@ -361,4 +368,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli_util.run(main)
