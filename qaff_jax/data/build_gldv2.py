@@ -341,7 +341,7 @@ def build(images_dir: str, csv_path: str, out: str, *, num_shards: int = 128,
   results = _run_tasks(tasks, workers, progress)
 
   bad = [b for r in results for b in r["bad"]]
-  old_report = _read_json(os.path.join(out, REPORT)) or {}
+  old_report = read_json(os.path.join(out, REPORT)) or {}
   if old_report.get("plan_sha256") == digest:
     bad = old_report.get("bad_images", []) + bad
   bad_ids = {b[0] for b in bad}
@@ -363,7 +363,8 @@ def build(images_dir: str, csv_path: str, out: str, *, num_shards: int = 128,
   return report
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
+  """A JSON file's object, or None when it is missing or unreadable."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)

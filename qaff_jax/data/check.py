@@ -138,7 +138,7 @@ def reconcile(folder: str, csv_path: str, *, decode: bool = False) -> dict[str, 
   label_counts += [{"label": lab, "records": n, "csv": 0}
                    for lab, n in sorted(counts.items()) if lab not in want_counts]
   shard_problems = _shard_sets(files)
-  report = _read_json(os.path.join(folder, build_gldv2.REPORT)) or {}
+  report = build_gldv2.read_json(os.path.join(folder, build_gldv2.REPORT)) or {}
   known_missing = set(report.get("missing_images", [])) | {
       b[0] for b in report.get("bad_images", [])}
   findings = {
@@ -155,14 +155,6 @@ def reconcile(folder: str, csv_path: str, *, decode: bool = False) -> dict[str, 
   out["problems"] = sum(out["counts"].values())
   out.update({k: v[:_SHOW] for k, v in findings.items()})
   return out
-
-
-def _read_json(path: str) -> dict | None:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def _example(kind: str, item: Any) -> str:
