@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import re
 import time
@@ -232,6 +233,9 @@ def _no_persistent_cache():
   `reset_cache` (private) makes it look at the flag again."""
   from jax._src import compilation_cache  # noqa: PLC0415
 
+  log = logging.getLogger(compilation_cache.__name__)  # "Resetting cache at ..." lines
+  level = log.level
+  log.setLevel(max(level, logging.WARNING))
   before = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()
@@ -240,6 +244,7 @@ def _no_persistent_cache():
   finally:
     jax.config.update("jax_enable_compilation_cache", before)
     compilation_cache.reset_cache()
+    log.setLevel(level)
 
 
 @dataclasses.dataclass
