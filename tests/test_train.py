@@ -393,3 +393,27 @@ def test_resume_on_fewer_devices_continues_the_same_run(data_root, tmp_path):
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   for step in want:
     np.testing.assert_allclose(got[step], want[step], rtol=2e-4, err_msg=f"step {step}")
+
+
+def test_grad_accum_equals_one_step_on_the_full_batch(data_root):
+  """Two micro-batches of 8 give the update of one batch of 16 (ViT-tiny: LayerNorm
+  only, so no BatchNorm statistics differ between micro-batches and the full batch)."""
+  mesh = parallel.make_mesh(1)
+  base = {"model.backbone": "vit_tiny", "optim.name": "sgd", "optim.lr": 0.5,
+          "optim.warmup_epochs": 0.0,   # warm-up starts at lr 0: step 1 would not move
+          "optim.weight_decay": 0.0, "model.dtype": "float32"}
+  full, full_metrics, _ = _one_step(tiny_config(data_root, **base), mesh)
+  accum, accum_metrics, _ = _one_step(tiny_config(data_root, **base, grad_accum=2), mesh)
+  np.testing.assert_allclose(accum_metrics["loss"], full_metrics["loss"], rtol=1e-5)
+  moved = 0
+  for a, b, p0 in zip(jax.tree.leaves(accum.params), jax.tree.leaves(full.params),
+                      jax.tree.leaves(_one_step_init(tiny_config(data_root, **base), mesh))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    moved += int(not np.allclose(b, p0))
+  assert moved > 0   # the step did change the parameters
+
+
+def _one_step_init(config, mesh):
+  tx, _ = train_lib.make_optimizer(config)
+  _, state, _ = train_lib.create_train_state(config, mesh, tx)
+  return jax.device_get(state.params)
