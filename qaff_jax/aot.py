@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from qaff_jax import cli_util
+from qaff_jax import models
 from qaff_jax import parallel
 from qaff_jax import state as state_lib
 
@@ -178,7 +179,7 @@ def whole_class_arrays(hlo: str, *, class_sizes: Sequence[int],
   return sorted(found)
 
 
-def _sig(x: float, digits: int = 4) -> float:
+def significant(x: float, digits: int = 4) -> float:
   return float(f"{x:.{digits}g}")
 
 
@@ -213,7 +214,7 @@ def analyse(compiled, *, hbm_bytes: float, peak_flops: float, class_sizes=(),
       "fits": mem["peak"] <= hbm_bytes,
       "margin_gib": round((hbm_bytes - mem["peak"]) / GiB, 4),
       "flops_per_device": flops,
-      "ideal_ms": _sig(1e3 * flops / peak_flops) if math.isfinite(flops) else None,
+      "ideal_ms": significant(1e3 * flops / peak_flops) if math.isfinite(flops) else None,
       "collectives": {k: {"count": v["count"], "mib": round(v["bytes"] / 2 ** 20, 3)}
                       for k, v in collective_stats(hlo).items()},
       "class_arrays_sharded": not whole,
@@ -226,7 +227,7 @@ def analyse(compiled, *, hbm_bytes: float, peak_flops: float, class_sizes=(),
 
 
 @contextlib.contextmanager
-def _no_persistent_cache():
+def no_persistent_cache():
   """Compile-only TPU executables cannot be reloaded from jax's persistent
   cache (there is no TPU client here), so they are neither written to nor
   read from it. jax decides once per process whether the cache is used;
@@ -290,7 +291,7 @@ def compile_train(config, target: Target) -> dict:
   step = train_lib.jit_train_step(graphdef, tx, schedule, config, mesh, shardings)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
   t0 = time.perf_counter()
-  with _no_persistent_cache():
+  with no_persistent_cache():
     compiled = step.lower(abstract, train_lib.abstract_batch(config, mesh), rng).compile()
   seconds = time.perf_counter() - t0
   rows = state_lib.num_class_rows(config.data.num_classes, mesh)
@@ -326,10 +327,7 @@ def compile_extract(config, target: Target) -> dict:
   from qaff_jax.evaluation import extract  # noqa: PLC0415
 
   mesh = parallel.make_mesh(config.mesh.model, devices=target.devices)
-  rows = state_lib.num_class_rows(config.data.num_classes, mesh)
-  module = nnx.eval_shape(lambda: state_lib.Trainable(config, num_rows=rows,
-                                                      rngs=nnx.Rngs(0)))
-  net = module.net
+  net = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
   net.eval()
   graphdef, abstract = nnx.split(net)
   replicated = parallel.replicated(mesh)
@@ -343,7 +341,7 @@ def compile_extract(config, target: Target) -> dict:
     mask = jax.ShapeDtypeStruct((b, h, w), np.float32,
                                 sharding=parallel.batch_sharding(mesh, 3))
     t1 = time.perf_counter()
-    with _no_persistent_cache():
+    with no_persistent_cache():
       compiled = fwd.lower(abstract, images, mask).compile()
     one = analyse(compiled, hbm_bytes=target.hbm_bytes, peak_flops=target.peak_flops)
     one.update(shape=[b, h, w], compile_s=round(time.perf_counter() - t1, 1))

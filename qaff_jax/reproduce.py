@@ -154,12 +154,9 @@ def demo_spec():
                        train_size=64, num_shards=2, seed=0)
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      h.update(chunk)
-  return h.hexdigest()
+def _sha256_of(path: str) -> str:
+  from qaff_jax.data import download  # noqa: PLC0415
+  return download.file_digest(path)
 
 
 def _check_demo(root: str) -> tuple[dict, list[dict]]:
@@ -282,7 +279,7 @@ def fingerprint(plan: Plan, *, r1m_count: int = 0) -> dict:
   for name in plan.datasets:
     gnd_path = os.path.join(plan.data_root, name, f"gnd_{name}.pkl")
     gnd = revisited.load_gnd(gnd_path)
-    sets[name] = {"gnd_sha256": _sha256(gnd_path), "db_images": len(gnd["imlist"]),
+    sets[name] = {"gnd_sha256": _sha256_of(gnd_path), "db_images": len(gnd["imlist"]),
                   "queries": len(gnd["qimlist"])}
   kwargs = runner.search_kwargs(plan.config)
   kwargs.pop("scann_dir", None)
@@ -300,7 +297,7 @@ def fingerprint(plan: Plan, *, r1m_count: int = 0) -> dict:
       "r1m_distractors": int(r1m_count),
   }
   if plan.r1m is not None and os.path.isfile(plan.r1m[0]):
-    fp["r1m_list_sha256"] = _sha256(plan.r1m[0])
+    fp["r1m_list_sha256"] = _sha256_of(plan.r1m[0])
   fp["sha256"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
   return fp
 

@@ -335,7 +335,7 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
   writer = metric_writer.MetricWriter(workdir)
   writer.write_hparams(config, metrics=["loss", "accuracy"] + [
       f"eval/{name}/mAP_{p}" for name in _eval_sets(config) for p in "EMH"])
-  every_eval = int(config.eval.get("every_steps", 0) or 0) if config.eval.data_root else 0
+  every_eval = int(config.eval.every_steps) if config.eval.data_root else 0
   last = {}
   progress = _progress_bar(start, steps)
   t0, seen = time.perf_counter(), 0
@@ -396,9 +396,8 @@ def train_and_evaluate(config, workdir: str, *, init_from: str | None = None,
 
 
 def _eval_sets(config) -> list[str]:
-  if not config.eval.data_root:
-    return []
-  return [n.strip() for n in config.eval.datasets.split(",") if n.strip()]
+  from qaff_jax.evaluation import runner  # noqa: PLC0415
+  return runner.dataset_names(config.eval.datasets) if config.eval.data_root else []
 
 
 def _evaluate(config, graphdef, state, mesh, workdir, writer) -> dict:

@@ -15,6 +15,10 @@ import pytest
 from qaff_jax import aot, config_lib, parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+import test_train  # noqa: E402  (its tiny_config)
+
+sys.path.pop(0)
 
 try:
   import libtpu  # noqa: F401
@@ -29,24 +33,10 @@ BATCH = 16
 
 
 def tiny_config(**overrides):
-  """ResNet-tiny + GeM at 32 px: compiles in seconds, but is the real train step."""
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  try:
-    import demo as demo_config
-  finally:
-    sys.path.pop(0)
-  c = demo_config.get_config("quick")
-  c.demo_root = ""
-  c.model.head = "gem"
-  c.loss.aux_weight = 0.0
-  c.data.train_files = ""          # a compile reads no data
-  c.data.num_classes = NUM_CLASSES
-  c.data.image_size = 32
-  c.model.dim = DIM
-  c.batch_size = BATCH
-  c.eval.max_side = 64
-  c.eval.scales = (1.0,)
-  return config_lib.apply_overrides(c, overrides)
+  """test_train's tiny ResNet + GeM at 32 px with more classes: compiles in
+  seconds, but is the real train step (a compile reads no data)."""
+  return test_train.tiny_config("/no/data", **{
+      "data.num_classes": NUM_CLASSES, "model.dim": DIM, "batch_size": BATCH, **overrides})
 
 
 # ---------------------------------------------------------------------------

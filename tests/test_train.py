@@ -125,19 +125,22 @@ class _Killed(Exception):
   pass
 
 
+def _kill_at(at):
+  """An `on_step` that kills the run (an exception, like kill -9 for the files) at step `at`."""
+  def on_step(step):
+    if step == at:
+      raise _Killed()
+  return on_step
+
+
 def test_killed_run_resumes_with_identical_losses(data_root, tmp_path):
   config = tiny_config(data_root, total_steps=6)
   full = str(tmp_path / "full")
   train_lib.train_and_evaluate(config, full)
 
   broken = str(tmp_path / "broken")
-
-  def kill_at_3(step):
-    if step == 3:
-      raise _Killed()
-
   with pytest.raises(_Killed):
-    train_lib.train_and_evaluate(config, broken, on_step=kill_at_3)
+    train_lib.train_and_evaluate(config, broken, on_step=_kill_at(3))
   assert os.path.isdir(os.path.join(broken, "checkpoints", "2"))
   assert not os.path.exists(os.path.join(broken, "checkpoints", "4"))
   train_lib.train_and_evaluate(config, broken)  # resumes from step 2
@@ -374,13 +377,8 @@ def test_resume_on_fewer_devices_continues_the_same_run(data_root, tmp_path):
   full = str(tmp_path / "full")
   train_lib.train_and_evaluate(config, full)
   moved = str(tmp_path / "moved")
-
-  def kill_at_3(step):
-    if step == 3:
-      raise _Killed()
-
   with pytest.raises(_Killed):
-    train_lib.train_and_evaluate(config, moved, on_step=kill_at_3)
+    train_lib.train_and_evaluate(config, moved, on_step=_kill_at(3))
   script = ("import sys, jax; from qaff_jax import train_lib\n"
             "assert jax.device_count() == 1, jax.device_count()\n"
             "train_lib.train_and_evaluate(train_lib.load_config(sys.argv[1]), sys.argv[1])\n")

@@ -58,6 +58,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from qaff_jax import cli_util
+from qaff_jax.data import download
 from qaff_jax.data import records
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ def build(images_dir: str, csv_path: str, out: str, *, num_shards: int = 128,
     splits = {"train": found}
 
   plan = {"format": fmt, "num_shards": num_shards, "validation_split": validation_split,
-          "seed": seed, "csv_sha256": _file_sha256(csv_path),
+          "seed": seed, "csv_sha256": download.file_digest(csv_path),
           "splits": {name: [[i, lab] for _, i, lab in items] for name, items in
                      splits.items()}}
   digest = _plan_hash(plan)
@@ -370,14 +371,6 @@ def read_json(path: str) -> dict | None:
       return json.load(f)
   except (OSError, ValueError):
     return None
-
-
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _run_tasks(tasks: list[dict], workers: int, progress: bool | None) -> list[dict]:

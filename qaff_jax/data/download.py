@@ -329,6 +329,11 @@ def dataset_status(root: str, dataset: str) -> dict:
 # Fetching one file.
 
 
+def file_digest(path: str, name: str = "sha256") -> str:
+  """The hex digest of a file, read in chunks."""
+  return _hash_file(path, name)[name].hexdigest()
+
+
 def _hash_file(path: str, *names: str) -> dict[str, Any]:
   hashers = {n: hashlib.new(n) for n in names}
   with open(path, "rb") as f:
@@ -699,7 +704,7 @@ class Downloader:
     if not os.path.isfile(path) or os.path.getsize(path) != entry.get("size"):
       return False, "file missing or its size changed"
     if self.verify_present and entry.get("sha256"):
-      digest = _hash_file(path, "sha256")["sha256"].hexdigest()
+      digest = file_digest(path)
       if digest != entry["sha256"]:
         return False, "sha256 changed"
     return True, ""

@@ -269,7 +269,7 @@ def _run_checkpoint(req: Request, config):
   if not root:
     raise UsageError("--data_dir (or config.eval.data_root) is required with --workdir")
   config, net, mesh, step = runner.load_network(req.workdir, config, req.step)
-  names = [n.strip() for n in (req.datasets or config.eval.datasets).split(",") if n.strip()]
+  names = runner.dataset_names(req.datasets or config.eval.datasets)
   distractors = None
   if req.r1m:
     paths = _distractor_files(req.r1m, req.r1m_root)

@@ -14,10 +14,6 @@ from qaff_jax.evaluation import runner
 HEADLINE = ("mAP_E", "mAP_M", "mAP_H", "mP@10_E", "mP@10_M", "mP@10_H")
 
 
-def dataset_names(config) -> list[str]:
-  return [n.strip() for n in config.eval.datasets.split(",") if n.strip()]
-
-
 def evaluate_state(config, graphdef, state, mesh, workdir: str, *, writer=None,
                    step: int | None = None) -> dict:
   """Evaluates the network in `state` on every dataset in `config.eval.datasets`.
@@ -34,7 +30,8 @@ def evaluate_state(config, graphdef, state, mesh, workdir: str, *, writer=None,
   views = {}
   results, info = runner.evaluate_network(
       config, net, mesh, step=step, workdir=workdir, data_root=config.eval.data_root,
-      datasets=dataset_names(config), kwargs=kwargs, views=views)
+      datasets=runner.dataset_names(config.eval.datasets), kwargs=kwargs,
+      views=views)
   settings = runner.ExtractSettings.from_config(config.eval)
   runner.write_run_report(results, info, workdir, runner.report_name(step, settings, kwargs),
                           extra={"step": step}, views=views, config=config)

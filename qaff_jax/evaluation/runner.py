@@ -323,6 +323,11 @@ def search_kwargs(config, *, search: str | None = None, rerank: str | None = Non
 # --workdir` both run this.
 
 
+def dataset_names(text: str) -> list[str]:
+  """'roxford5k, rparis6k' -> ['roxford5k', 'rparis6k'] (`eval.datasets`, --datasets)."""
+  return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def descriptor_cache(workdir: str) -> str:
   """Where a run's descriptors live: `<set>_<query|db>_step<S>_<settings>.npz`,
   each with the image `ids`, the `settings` key, `descriptor` and any other
@@ -423,16 +428,14 @@ def write_run_report(results: dict, info: dict, workdir: str, name: str,
                      extra: dict | None = None, views: dict | None = None,
                      config=None) -> str:
   """`<workdir>/eval/<name>/report.{json,md}` (and `report.html` with `views`
-  from `evaluate_network`), then `eval/LATEST` <- name and `eval/report.*` <- a
-  copy of it. Process 0 only; returns the folder."""
+  from `evaluate_network`), then `eval/report.*` <- copies of them and
+  `eval/LATEST` <- name. Process 0 only; returns the folder."""
   from qaff_jax.evaluation import report  # noqa: PLC0415
   eval_dir = os.path.join(workdir, "eval")
   out = os.path.join(eval_dir, name)
   if jax.process_index() != 0:
     return out
-  body = {"info": info, **(extra or {})}
-  report.write_report(results, out, extra=body)
-  report.write_report(results, eval_dir, extra={**body, "report": name})
+  report.write_report(results, out, extra={"info": info, **(extra or {})})
   if views:
     grid, scales = None, ()
     if config is not None and config.model.head == "qaff":
@@ -445,7 +448,11 @@ def write_run_report(results: dict, info: dict, workdir: str, name: str,
               fusion=fusion if fusion and grid else None, grid=grid, scales=scales,
               top=HTML_TOP, title=f"Retrieval report: {name}")
     report.write_html_report(results, out, **kw)
-    shutil.copyfile(os.path.join(out, "report.html"), os.path.join(eval_dir, "report.html"))
+  for file in ("report.json", "report.md", "report.html"):
+    if os.path.exists(os.path.join(out, file)):
+      shutil.copyfile(os.path.join(out, file), os.path.join(eval_dir, file))
+    elif os.path.exists(os.path.join(eval_dir, file)):
+      os.remove(os.path.join(eval_dir, file))   # an older evaluation's page
   fd, tmp = tempfile.mkstemp(dir=eval_dir, suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     f.write(name + "\n")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 
 import jax
@@ -102,8 +101,6 @@ def compile_sharded_search(topology: str, *, n: int, dim: int, queries: int = 10
   shape = SearchShape(n, dim, queries, k, storage, score_dtype, rescore, candidates, chunk)
   score_dtype = search._check_score_dtype(storage, score_dtype, rescore)  # noqa: SLF001
   rescore = rescore and score_dtype != "float32"
-  # Compile-only use of libtpu: other processes holding it do not matter.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   target = aot.Target.from_topology(topology)
   mesh = parallel.make_mesh(merge_group(len(target.devices)), devices=target.devices)
   axes = search.ROW_AXES
@@ -113,7 +110,7 @@ def compile_sharded_search(topology: str, *, n: int, dim: int, queries: int = 10
                                           rescore=rescore)
   q, rows, scales = abstract_inputs(shape, mesh)
   t0 = time.perf_counter()
-  with aot._no_persistent_cache():  # noqa: SLF001 (compile-only executables)
+  with aot.no_persistent_cache():  # compile-only executables
     compiled = program.lower(q, rows, scales).compile()
   compile_s = time.perf_counter() - t0
   report = aot.analyse(compiled, hbm_bytes=target.hbm_bytes, peak_flops=target.peak_flops)
@@ -135,11 +132,11 @@ def compile_sharded_search(topology: str, *, n: int, dim: int, queries: int = 10
       database_gib_per_device=round(shard_bytes / aot.GiB, 4),
       xla_flops_per_device=report.pop("flops_per_device"),
       flops_per_device=flops, peak_ops_per_device=peak,
-      compute_ms_per_1000_queries=aot._sig(1e3 * compute_s * per_1000),  # noqa: SLF001
-      hbm_read_ms_per_batch=aot._sig(1e3 * read_s),  # noqa: SLF001
-      hbm_read_ms_per_1000_queries=aot._sig(1e3 * read_s * per_1000),  # noqa: SLF001
-      ideal_ms_per_1000_queries=aot._sig(1e3 * max(compute_s, read_s) * per_1000),  # noqa: SLF001
-      ideal_queries_per_s=aot._sig(queries / max(compute_s, read_s)),  # noqa: SLF001
+      compute_ms_per_1000_queries=aot.significant(1e3 * compute_s * per_1000),
+      hbm_read_ms_per_batch=aot.significant(1e3 * read_s),
+      hbm_read_ms_per_1000_queries=aot.significant(1e3 * read_s * per_1000),
+      ideal_ms_per_1000_queries=aot.significant(1e3 * max(compute_s, read_s) * per_1000),
+      ideal_queries_per_s=aot.significant(queries / max(compute_s, read_s)),
       compile_s=round(compile_s, 1))
   return report
 
