@@ -57,8 +57,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     "dolg": {
         "paper": "Yang et al., DOLG: Single-Stage Image Retrieval with Deep Orthogonal "
                  "Fusion of Local and Global Features, ICCV 2021",
-        "table": "feymanpriv/DOLG README.md, 'modified results' table, row "
-                 "DOLG-R101 (with query cropping) (the paper's Table 1 was not read)",
+        "table": "feymanpriv/DOLG README.md @63b117d7, 'modified results (should follow "
+                 "cropping results)' table, row 'DOLG-R101(with query cropping)'; R101, "
+                 "GLDv2-clean, single-stage global descriptor, cropped queries. The paper's "
+                 "Table 1 (imgs/result_overview.png, same commit) row 'R101-DOLG "
+                 "(GLDv2-clean)' reads M 81.50/77.43/91.02/83.29, H 61.10/54.81/80.30/66.69 "
+                 "(ROxf/+1M/RPar/+1M); the README's 'modified results' replace them, and a "
+                 "later paper (ViTGaL, Table 1) marks them 'queries are not cropped', so "
+                 "they are not used",
         "verified": True,
         "numbers": {"roxford5k": {"M": 82.37, "H": 64.93},
                     "rparis6k": {"M": 90.97, "H": 81.71},
@@ -68,44 +74,68 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     "delg": {
         "paper": "Cao et al., Unifying Deep Local and Global Features for Image Search, "
                  "ECCV 2020",
-        "table": "Table 2 (global features, R101-DELG, GLDv2-clean); NOT VERIFIED: recalled, "
-                 "not read in a source this session",
-        "verified": False,
-        "numbers": {"roxford5k": {"M": 76.3, "H": 55.6},
-                    "rparis6k": {"M": 86.6, "H": 72.4},
-                    "roxford5k+1m": {"M": 63.7, "H": 37.5},
-                    "rparis6k+1m": {"M": 70.6, "H": 46.9}},
+        "table": "as quoted in the DOLG paper's Table 1 (feymanpriv/DOLG "
+                 "imgs/result_overview.png @63b117d7), group '(B) Global features', row "
+                 "'R101-DELG(GLDv2-clean)[9]': global descriptor only (the re-ranked row "
+                 "of group (C) is not used), R101, GLDv2-clean, cropped queries (DELG "
+                 "protocol, tensorflow/models delf/python/delg/DELG_INSTRUCTIONS.md). "
+                 "The DELG paper's own table was not read: the stored DELG_INSTRUCTIONS.md "
+                 "gives only the GLDv1 R50 model's ROxf numbers",
+        "verified": True,
+        "numbers": {"roxford5k": {"M": 76.30, "H": 55.60},
+                    "rparis6k": {"M": 86.60, "H": 72.40},
+                    "roxford5k+1m": {"M": 63.70, "H": 37.50},
+                    "rparis6k+1m": {"M": 70.60, "H": 46.90}},
     },
     "superglobal": {
         "paper": "Shao et al., Global Features are All You Need for Image Retrieval and "
                  "Reranking, ICCV 2023",
-        "table": "results with SuperGlobal re-ranking, as listed by paperswithcode "
-                 "('Results from the Paper': ROxford (Hard) 80.2, RParis (Hard) 86.7); the "
-                 "paper's table itself was not read; Medium not verified",
+        "table": "NOT VERIFIED in the paper: Hard only, from paperswithcode's 'Results from "
+                 "the Paper' (ROxford (Hard) 80.2, RParis (Hard) 86.7), which names neither "
+                 "the backbone nor whether re-ranking is on; taken as SuperGlobal with "
+                 "re-ranking, matching configs/baselines.py (eval.rerank='superglobal'). "
+                 "ShihaoShao-GH/SuperGlobal README.md @8694696 (and its history) has no "
+                 "numbers; the paper's table was not readable here. Medium and +1M unknown",
         "verified": False,
         "numbers": {"roxford5k": {"M": None, "H": 80.2},
                     "rparis6k": {"M": None, "H": 86.7}},
     },
     "cvnet": {
         "paper": "Lee et al., Correlation Verification for Image Retrieval, CVPR 2022",
-        "table": "global-retrieval rows (CVNet-Global, R101); not verified",
+        "table": "wanted: CVNet-Global R101 (no re-ranking) row; not found: "
+                 "sungonce/CVNet README.md @5f5bf24 (and its history) and assets/ carry no "
+                 "numbers, and no stored copy of the paper's table could be read",
         "verified": False, "numbers": {},
     },
     "spca": {
         "paper": "Zhang et al., Learning Spatial-context-aware Global Visual Feature "
                  "Representation for Instance Image Retrieval, ICCV 2023",
-        "table": "main comparison table (R101, GLDv2-clean); not verified",
+        "table": "wanted: R101 GLDv2-clean main comparison row; not found: Zy-Zhang/SpCa "
+                 "README.md @966db3f (and its history) is a title line only, and no stored "
+                 "copy of the paper's table could be read",
         "verified": False, "numbers": {},
     },
     "madacos": {
-        "paper": "MadaCos loss as used by CFCD (bassyess/CFCD), ICCV 2023",
-        "table": "stage-1 / global results; not verified",
+        "paper": "MadaCos loss as used by CFCD (Zhu et al., Coarse-to-Fine: Learning Compact "
+                 "Discriminative Representation for Single-Stage Image Retrieval, ICCV 2023; "
+                 "bassyess/CFCD)",
+        "table": "wanted: R101 stage-1 (MadaCos, global only) row; not found: bassyess/CFCD "
+                 "README.md @5db8545 (and its history) carries no numbers, and no stored "
+                 "copy of the paper's table could be read",
         "verified": False, "numbers": {},
     },
     "gem": {
-        "paper": "GeM + ArcFace on GLDv2-clean as reported by the SpCa / DOLG papers",
-        "table": "baseline rows; not verified",
-        "verified": False, "numbers": {},
+        "paper": "Weyand et al., Google Landmarks Dataset v2, CVPR 2020: the RN101-ArcFace "
+                 "baseline trained on GLDv2-clean",
+        "table": "tensorflow/models research/delf/delf/python/datasets/"
+                 "google_landmarks_dataset/README.md @f16a7b5b, 'Perform retrieval', the "
+                 "metrics.txt it says a reproduction 'should look approximately like' "
+                 "(ROxf only; RPar and +1M not given there). R101, GLDv2-clean, global "
+                 "descriptor, cropped queries. That text does not name the pooling (GeM "
+                 "not confirmed) and its ArcFace settings may differ from this recipe's; no "
+                 "GeM+ArcFace GLDv2-clean row was found in the SpCa/DOLG sources",
+        "verified": True,
+        "numbers": {"roxford5k": {"M": 76.23, "H": 55.54}},
     },
     "qaff": {"paper": "this project (no published number yet)", "table": "-",
              "verified": False, "numbers": {}},
