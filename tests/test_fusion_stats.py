@@ -122,6 +122,56 @@ def test_scale_size_correlation():
   assert r == {"per_scale": {}, "log_scale_centroid": None, "num_images": 4}
 
 
+def test_fusion_summary_numbers_by_hand():
+  # Grid 2, scales (0.5, 2): K = 7 = [global, r0..r3, x0.5, x2].
+  w = np.array([
+      [0.30, 0.10, 0.10, 0.10, 0.10, 0.20, 0.10],  # totals .3 .4 .3: regional; top: global
+      [0.10, 0.25, 0.05, 0.05, 0.05, 0.25, 0.25],  # .1 .4 .5: scale; top tie r0/x.. -> r0
+      [0.60, 0.05, 0.05, 0.05, 0.05, 0.10, 0.10],  # .6 .2 .2: global; top: global
+      [0.40, 0.10, 0.10, 0.10, 0.10, 0.10, 0.10],  # .4 .4 .2: tie -> global; top: global
+  ])
+  s = fs.fusion_summary(w, 2, (0.5, 2.0))
+  assert s["num_images"] == 4 and s["num_features"] == 7 and s["grid"] == 2
+  assert s["labels"][0] == "global" and s["labels"][-2:] == ["x0.5", "x2"]
+  # Type totals over the 4 images: global .3 .1 .6 .4, regional .4 .4 .2 .4,
+  # scale .3 .5 .2 .2 -> means .35 .35 .3; population variances
+  # (.05² + .25² + .25² + .05²)/4 = .0325, (3 .05² + .15²)/4 = .0075,
+  # (0 + .2² + .1² + .1²)/4 = .015.
+  assert s["type_mean"] == pytest.approx(
+      {"global": 0.35, "regional": 0.35, "scale": 0.3})
+  assert s["type_std"] == pytest.approx(
+      {"global": math.sqrt(0.0325), "regional": math.sqrt(0.0075),
+       "scale": math.sqrt(0.015)})
+  assert s["component_mean"] == pytest.approx(
+      [0.35, 0.125, 0.075, 0.075, 0.075, 0.1625, 0.1375])
+  # r0 .1 .25 .05 .1: variance (.025² + .125² + .075² + .025²)/4 = .075²;
+  # r1..r3 .1 .05 .05 .1: .025; x0.5 and x2 both variance .016875/4.
+  assert s["component_std"] == pytest.approx(
+      [math.sqrt(0.0325), 0.075, 0.025, 0.025, 0.025,
+       math.sqrt(0.00421875), math.sqrt(0.00421875)])
+  assert s["max_component_std"] == pytest.approx(math.sqrt(0.0325))
+  np.testing.assert_allclose(s["regional_map"], [[0.125, 0.075], [0.075, 0.075]])
+  assert s["argmax_type_fraction"] == pytest.approx(
+      {"global": 0.5, "regional": 0.25, "scale": 0.25})
+  assert s["argmax_component_fraction"] == pytest.approx(
+      {"global": 0.75, "regional": 0.25, "scale": 0.0})
+  # Entropies -Σ w ln w of each row.
+  h = [-(0.3 * math.log(0.3) + 0.5 * math.log(0.1) + 0.2 * math.log(0.2)),
+       -(0.1 * math.log(0.1) + 0.75 * math.log(0.25) + 0.15 * math.log(0.05)),
+       -(0.6 * math.log(0.6) + 0.2 * math.log(0.05) + 0.2 * math.log(0.1)),
+       -(0.4 * math.log(0.4) + 0.6 * math.log(0.1))]
+  mean_h = sum(h) / 4
+  assert s["entropy_mean"] == pytest.approx(mean_h)
+  assert s["entropy_std"] == pytest.approx(
+      math.sqrt(sum((v - mean_h) ** 2 for v in h) / 4))
+  assert s["entropy_max"] == pytest.approx(math.log(7))
+  assert s["entropy_ratio"] == pytest.approx(mean_h / math.log(7))
+  # Identical rows: nothing adapts, every std is 0.
+  same = fs.fusion_summary(np.tile(w[0], (3, 1)), 2, (0.5, 2.0))
+  assert same["max_component_std"] == pytest.approx(0.0, abs=1e-15)
+  assert same["entropy_std"] == pytest.approx(0.0, abs=1e-15)
+
+
 def test_fusion_summary_with_and_without_metadata():
   w = _weights(TOP, n_scales=3)
   w[:, -3:] += np.array([[0.0, 0.1, 0.2]]) * np.arange(4)[:, None] / 4

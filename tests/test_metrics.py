@@ -159,8 +159,10 @@ def test_evaluate_revisited_three_protocols():
   assert res["per_query"]["E"] == [0.25, 1.0]
   assert res["per_query"]["M"] == pytest.approx([5 / 12, 1.0])
   assert res["per_query"]["H"][0] == 0.25 and math.isnan(res["per_query"]["H"][1])
-  text = metrics.format_revisited(res)
-  assert "E: 62.50" in text and "H: 25.00" in text
+  # mAP M = (5/12 + 1)/2 = 17/24; mP@5 M = (2/3 + 1)/2 = 5/6.
+  assert metrics.format_revisited(res) == (
+      "mAP E: 62.50 M: 70.83 H: 25.00\n"
+      "mP@[1, 5, 10] E: 50.00/75.00/75.00 M: 50.00/83.33/83.33 H: 0.00/50.00/50.00")
 
 
 # ---------------------------------------------------------------------------

@@ -56,6 +56,27 @@ def test_dataset_fields_and_paths(tmp_path):
   assert ds.check_images() == []
 
 
+def test_read_gnd_scores_by_hand_under_the_three_protocols(tmp_path):
+  # The reader's gnd (lists and arrays in the pickle) straight into the metric.
+  # Query 0 (easy 0, hard 1, junk 2) ranks 2 3 0 1 4:
+  #   E: junk {2, 1} dropped -> 3 0 4: 0 at position 1, AP (0 + 1/2)/2 = 1/4.
+  #   M: junk {2} -> 3 0 1 4: positives at 1, 2: 1/8 + (1/2 + 2/3)/4 = 5/12.
+  #   H: junk {2, 0} -> 3 1 4: 1 at position 1: AP 1/4.
+  # Query 1 (easy 2, no hard, junk 0) ranks 0 2 4 3 1: junk 0 dropped, so
+  # E = M = 1; H: no positives, left out of the mean.
+  from qaff_jax.evaluation import metrics
+  _make_dataset(tmp_path, n_db=5, write_images=False)
+  ds = revisited.RevisitedDataset(tmp_path, NAME)
+  ranks = np.array([[2, 3, 0, 1, 4], [0, 2, 4, 3, 1]]).T
+  res = metrics.evaluate_revisited(ranks, ds.gnd, kappas=(1,))
+  assert res["mAP_E"] == pytest.approx((1 / 4 + 1) / 2, abs=1e-12)
+  assert res["mAP_M"] == pytest.approx((5 / 12 + 1) / 2, abs=1e-12)
+  assert res["mAP_H"] == pytest.approx(1 / 4, abs=1e-12)
+  assert res["mP@1_E"] == 0.5 and res["mP@1_H"] == 0.0
+  assert res["per_query"]["H"][0] == pytest.approx(1 / 4)
+  assert np.isnan(res["per_query"]["H"][1])
+
+
 def test_load_images_and_crop(tmp_path):
   _make_dataset(tmp_path)
   ds = revisited.RevisitedDataset(tmp_path, NAME)

@@ -22,6 +22,36 @@ def _reference_topk(q, x, k):
   return np.take_along_axis(s, order, axis=1), order
 
 
+def _float64_scores(q, x, chunk=65536):
+  """q @ x.T in float64 on the host, chunk by chunk (x numpy or jax)."""
+  q = np.asarray(q, np.float64)
+  return np.concatenate(
+      [q @ np.asarray(x[a:a + chunk], np.float64).T
+       for a in range(0, x.shape[0], chunk)], axis=1)
+
+
+def _assert_topk_is_reference(scores, idx, q, x, atol):
+  """(scores, idx) is the float64 top-k of q against x, up to near ties.
+
+  The returned ids must be distinct, carry their own dot products as scores,
+  and those true scores must be the k best of the float64 ranking in order;
+  where the reference has a clear gap on both sides the id itself is checked.
+  """
+  exact = _float64_scores(q, x)
+  k = idx.shape[1]
+  order = np.argsort(-exact, axis=1, kind="stable")[:, :k + 1]
+  ref = np.take_along_axis(exact, order, axis=1)
+  got = np.take_along_axis(exact, idx, axis=1)
+  assert all(len(set(row)) == k for row in idx.tolist())
+  np.testing.assert_allclose(scores, got, atol=atol, rtol=0)
+  np.testing.assert_allclose(got, ref[:, :k], atol=atol, rtol=0)
+  gaps = np.diff(ref, axis=1) < -2 * atol       # [nq, k]: gap after position j
+  clear = gaps.copy()
+  clear[:, 1:] &= gaps[:, :-1]                  # and a gap before it
+  np.testing.assert_array_equal(idx[clear], order[:, :k][clear])
+  return clear.mean()
+
+
 @pytest.mark.parametrize(
     "n,chunk,k,batch",
     [
@@ -109,17 +139,34 @@ def test_full_ranking_and_ranks_from_indices():
 
 
 def test_search_to_revisited_metrics_end_to_end():
-  # Database 0..5 are the query's own direction, the rest are far away.
+  # q0 = e0, q1 = e1; database rows on e0 / e1 at chosen lengths, every other
+  # row lives on e2..e7 (score 0 for both queries, ranked after by index).
   rng = np.random.default_rng(5)
-  q = rng.normal(size=(2, 8)).astype(np.float32)
-  x = rng.normal(size=(40, 8)).astype(np.float32)
-  x[:3] = q[0] * np.array([[3.0], [2.0], [1.0]], np.float32)
-  x[3:6] = q[1] * np.array([[3.0], [2.0], [1.0]], np.float32)
+  x = np.zeros((40, 8), np.float32)
+  x[:, 2:] = rng.normal(size=(40, 6))
+  x[[0, 6, 1, 2], :] = 0
+  x[[0, 6, 1, 2], 0] = [3.0, 2.5, 2.0, 1.0]    # q0: 0 6 1 2, then the rest
+  x[[3, 4, 5], :] = 0
+  x[[3, 4, 5], 1] = [3.0, 2.0, 1.0]            # q1: 3 4 5, then the rest
+  q = np.eye(2, 8, dtype=np.float32)
   gnd = [{"easy": [0, 1], "hard": [2], "junk": []},
          {"easy": [3], "hard": [4, 5], "junk": []}]
   ranks = search.full_ranking(q, x, metric="dot")
-  res = metrics.evaluate_revisited(ranks, gnd)
-  assert res["mAP_M"] == 1.0 and res["mP@1_E"] == 1.0
+  assert ranks[:4, 0].tolist() == [0, 6, 1, 2] and ranks[:3, 1].tolist() == [3, 4, 5]
+  res = metrics.evaluate_revisited(ranks, gnd, kappas=(1, 5))
+  # q0 (q1 is perfect: AP 1, P 1 everywhere):
+  #   E: ok {0, 1} at 0, 2 (junk 2 after them): 1/2 + (1/2 + 2/3)/4 = 19/24;
+  #      1-based [1, 3]: P@1 = 1, P@5 = 2/3 (kk = 3).
+  #   M: ok {0, 1, 2} at 0, 2, 3: 1/3 + (1/2 + 2/3)/6 + (2/3 + 3/4)/6 = 55/72;
+  #      P@1 = 1, P@5 = 3/4 (kk = 4).
+  #   H: ok {2}, junk {0, 1} removed -> 6 2: position 1, AP 1/4; P@1 = 0,
+  #      P@5 = 1/2 (kk = 2).
+  expected = {"mAP_E": (19 / 24 + 1) / 2, "mAP_M": (55 / 72 + 1) / 2,
+              "mAP_H": (1 / 4 + 1) / 2, "mP@1_E": 1.0, "mP@1_M": 1.0,
+              "mP@1_H": 0.5, "mP@5_E": (2 / 3 + 1) / 2, "mP@5_M": (3 / 4 + 1) / 2,
+              "mP@5_H": (1 / 2 + 1) / 2}
+  for key, value in expected.items():
+    assert res[key] == pytest.approx(value, abs=1e-12), key
 
 
 @pytest.mark.accelerator
@@ -131,7 +178,9 @@ def test_large_database_on_accelerator():
   q = x[jnp.array([5, 999_999, 123_456])] + 0.01
   scores, idx = search.exact_search(q, x, 100, chunk_size=65536)
   assert idx[:, 0].tolist() == [5, 999_999, 123_456]
-  assert (np.diff(scores, axis=1) <= 0).all()
+  # Against float64 on the host, 65536 rows at a time (float32 sums of 2048
+  # products: ~1e-3 off for scores ~200, ~1e-2 for the planted row's ~2048).
+  _assert_topk_is_reference(scores, idx, np.asarray(q), x, atol=5e-2)
 
 
 # ---------------------------------------------------------------------------
@@ -148,7 +197,7 @@ def sharded_case():
   q /= np.linalg.norm(q, axis=1, keepdims=True)
   mesh = parallel.make_mesh(2)
   assert dict(mesh.shape) == {"data": 4, "model": 2}
-  ref_s, ref_i = search.exact_search(q, x, 50, chunk_size=256)
+  ref_s, ref_i = _reference_topk(q, x, 50)   # float64 NumPy
   return q, x, mesh, ref_s, ref_i
 
 
@@ -159,9 +208,22 @@ def test_sharded_float32_is_the_single_device_ranking(sharded_case):
   assert db.rows.sharding.spec == jax.sharding.PartitionSpec(("data", "model"), None)
   s, i = search.sharded_exact_search(q, db, 50, chunk_size=128, query_batch_size=16)
   assert i.dtype == np.int64 and s.dtype == np.float32 and i.shape == (37, 50)
-  np.testing.assert_array_equal(i, ref_i)
+  assert _assert_topk_is_reference(s, i, q, x, atol=1e-6) > 0.99
   np.testing.assert_allclose(s, ref_s, atol=1e-6)
   assert i.max() < 3001   # padding rows never come back
+
+
+def test_sharded_ties_go_to_the_lower_index():
+  # Small-integer descriptors: exact float32 scores and many ties, which the
+  # per-shard top-k and the merge across the 8 shards must break by index.
+  from qaff_jax import parallel
+  q, x = _int_data(21, 9, 1001, 6)
+  db = search.place_database(x, parallel.make_mesh(2))
+  # k = 130 > 126 rows per shard; 3 chunks of 48 per shard, the last overlapping.
+  s, i = search.sharded_exact_search(q, db, 130, chunk_size=48, query_batch_size=4)
+  ref_s, ref_i = _reference_topk(q, x, 130)
+  np.testing.assert_array_equal(i, ref_i)
+  np.testing.assert_array_equal(s, ref_s.astype(np.float32))
 
 
 @pytest.mark.parametrize("storage,score_dtype,rescore,bound", [
