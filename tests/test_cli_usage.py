@@ -31,6 +31,8 @@ ENTRY_POINTS = [
 ]
 # compare.py is not switched to cli_util.run yet: absl's --help exits 1 there.
 NO_RUN = "/nonexistent/qaff_run"  # never created: each case fails before writing
+DEMO = ["--config", "configs/demo.py:quick", "--workdir", NO_RUN]
+DOLG = ["--config", "configs/baselines.py:method=dolg", "--workdir", NO_RUN]
 
 
 def _run(module, *args, platforms="cpu"):
@@ -77,8 +79,29 @@ def test_help_exits_0(module):
     ("qaff_jax.train", ["--config", "configs/demo.py:quick", "--workdir", NO_RUN,
                         "--config.optim.lrr=0.1"], ["lrr"]),
     ("qaff_jax.train", ["--no_such_flag"], ["no_such_flag", "--help"]),
-    ("qaff_jax.train", ["--config", "configs/gldv2.py", "--workdir", NO_RUN],
-     ["config.data.train_files is empty"]),
+    # The config the trainer loads is locked and typed: an unknown field at any
+    # depth, or a value of the wrong type, is named before anything runs.
+    ("qaff_jax.train", [*DEMO, "--config.nonexistent=1"],
+     ["no such config field 'nonexistent'", "--help"]),
+    ("qaff_jax.train", [*DEMO, "--config.model.qaff.fusoin=uniform"],
+     ["no such config field 'fusoin'", '"fusion"']),
+    ("qaff_jax.train", [*DEMO, "--config.optim.lr=fast"],
+     ["--config.optim.lr=fast", "float"]),
+    ("qaff_jax.train", [*DEMO, "--config.batch_size=1.5"],
+     ["--config.batch_size=1.5", "int"]),
+    ("qaff_jax.train", [*DEMO, "--config.eval.at_end=maybe"],
+     ["--config.eval.at_end=maybe", "boolean"]),
+    ("qaff_jax.train", [*DOLG, "--config.loss.margn=0.2"],
+     ["no such config field 'margn'", '"margin"']),
+    # A None default that is typed (model.baseline.local_in_features: int).
+    ("qaff_jax.train", [*DOLG, "--config.model.baseline.local_in_features=half"],
+     ["--config.model.baseline.local_in_features=half", "int"]),
+    # Good overrides reach the trainer's checks, typed (0 is the int 0); a bad
+    # value found there is one line too.
+    ("qaff_jax.train", ["--config", "configs/gldv2.py", "--workdir", NO_RUN,
+                        "--config.data.train_files=/data/gldv2/train-*",
+                        "--config.data.num_classes=0"],
+     ["config.data.num_classes=0 must be > 0"]),
     ("qaff_jax.convert", [], ["missing --from, --arch, --out"]),
     ("qaff_jax.bench.extract", [], ["missing --config"]),
     ("qaff_jax.viz.fusion", [], ["--workdir", "--help"]),
@@ -89,6 +112,7 @@ def test_help_exits_0(module):
 ])
 def test_usage_mistakes_are_one_line_exit_2(module, args, fragments):
   _assert_usage_error(_run(module, *args), *fragments)
+  assert not os.path.exists(NO_RUN)
 
 
 def test_evaluate_workdir_checks_and_config_overrides_on_the_cli(tmp_path):

@@ -324,6 +324,109 @@ def test_cli_output_is_accepted_by_init_from(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# init_backbone_from on hand-built trees (the checkpoint read is replaced).
+
+
+class _Backbone(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1 = nnx.Linear(2, 3, rngs=rngs)
+    self.layer1 = nnx.List([nnx.BatchNorm(3, rngs=rngs)])
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.backbone = _Backbone(rngs)
+    self.head = nnx.Linear(3, 2, rngs=rngs)
+
+
+class _Trainable(nnx.Module):
+  def __init__(self, rngs):
+    self.net = _Net(rngs)
+    self.classifier = nnx.Linear(2, 4, rngs=rngs)
+
+
+def _hand_state():
+  from qaff_jax import state as state_lib
+  m = _Trainable(nnx.Rngs(0))
+  return state_lib.TrainState(
+      step=np.zeros((), np.int32), params=nnx.state(m, nnx.Param),
+      model_state=nnx.state(m, nnx.Not(nnx.Param)), opt_state={}, loss_state={})
+
+
+def test_key_and_pure_helpers():
+  tu = jax.tree_util
+  path = (tu.GetAttrKey("layer1"), tu.SequenceKey(0), tu.DictKey("scale"))
+  assert train_lib._key(path) == ("layer1", "0", "scale")  # list 0 == restored '0'
+  x, y = np.arange(3.0), np.ones((2, 2))
+  assert train_lib._pure(None) == {}
+  got = train_lib._pure({"a": {"value": x}, "b": {"0": {"value": y}, "c": x},
+                         "d": {"value": x, "other": y}})
+  assert set(got) == {"a", "b", "d"} and got["a"] is x and got["b"]["0"] is y
+  assert got["b"]["c"] is x
+  assert set(got["d"]) == {"value", "other"}  # not a lone {"value": ...} wrapper
+
+
+def test_init_backbone_from_copies_only_the_backbone(monkeypatch):
+  state = _hand_state()
+  rng = np.random.default_rng(0)
+  want = {"kernel": rng.normal(size=(2, 3)), "bias": rng.normal(size=3),  # float64
+          "scale": rng.uniform(1, 2, 3), "bn_bias": rng.normal(size=3),
+          "mean": rng.normal(size=3), "var": rng.uniform(1, 2, 3)}
+  # As Orbax gives a checkpoint back: list items under string keys, some
+  # leaves wrapped in {"value": ...}, extra keys that the model lacks.
+  source = {
+      "params": {"net": {
+          "backbone": {"conv1": {"kernel": {"value": want["kernel"]}, "bias": want["bias"]},
+                       "layer1": {"0": {"scale": {"value": want["scale"]},
+                                        "bias": want["bn_bias"]}},
+                       "fc": {"kernel": np.zeros((3, 9))}},
+          "head": {"kernel": np.full((3, 2), 7.0), "bias": np.full(2, 7.0)}}},
+      "model_state": {"net": {"backbone": {"layer1": {"0": {
+          "mean": {"value": want["mean"]}, "var": {"value": want["var"]}}}}}}}
+  monkeypatch.setattr(train_lib.ckpt_lib, "restore_params_from", lambda path: source)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  out = train_lib.init_backbone_from(state, "ckpt", one)
+  bb = out.params["net"]["backbone"]
+  stats = out.model_state["net"]["backbone"]["layer1"][0]
+  for got, key in [(bb["conv1"]["kernel"], "kernel"), (bb["conv1"]["bias"], "bias"),
+                   (bb["layer1"][0]["scale"], "scale"), (bb["layer1"][0]["bias"], "bn_bias"),
+                   (stats["mean"], "mean"), (stats["var"], "var")]:
+    assert got[...].dtype == np.float32, key
+    np.testing.assert_array_equal(np.asarray(got[...]), want[key].astype(np.float32))
+  for part in (("net", "head", "kernel"), ("net", "head", "bias"),
+               ("classifier", "kernel")):
+    before, after = state.params, out.params
+    for k in part:
+      before, after = before[k], after[k]
+    np.testing.assert_array_equal(np.asarray(after[...]), np.asarray(before[...]))
+
+  def broken(**edit):
+    bad = jax.tree.map(lambda v: v, source)
+    bb = bad["params"]["net"]["backbone"]
+    for key, value in edit.items():
+      if key == "no_bias":
+        del bb["layer1"]["0"]["bias"]
+      elif key == "no_backbone":
+        del bad["params"]["net"]["backbone"]
+      else:
+        bb["conv1"]["kernel"] = value
+    monkeypatch.setattr(train_lib.ckpt_lib, "restore_params_from", lambda path: bad)
+    return bad
+
+  broken(no_bias=True)
+  with pytest.raises(ValueError, match=r"--init_from ckpt: backbone params missing "
+                                       r"\[\"\['layer1'\]\[0\]\['bias'\]\"\]"):
+    train_lib.init_backbone_from(state, "ckpt", one)
+  broken(kernel=np.zeros((3, 2)))
+  with pytest.raises(ValueError, match=r"params \['conv1'\]\['kernel'\] has shape "
+                                       r"\(3, 2\), the model wants \(2, 3\)"):
+    train_lib.init_backbone_from(state, "ckpt", one)
+  broken(no_backbone=True)
+  with pytest.raises(ValueError, match=r"no params\['net'\]\['backbone'\]"):
+    train_lib.init_backbone_from(state, "ckpt", one)
+
+
+# ---------------------------------------------------------------------------
 # Model card (bench/model.py) against a hand count from the torchvision keys.
 
 

@@ -1,6 +1,7 @@
 """Tests for qaff_jax.models: ResNet, GeM, GeMHead, RetrievalModel, build_model."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,22 @@ def test_backbone_shapes_and_param_count_abstract(name, channels, n_params):
   # (widths, blocks, downsample placement, BN affine) matches 1:1.
   params = jax.tree.leaves(nnx.state(model.backbone, nnx.Param))
   assert sum(math.prod(p.shape) for p in params) == n_params
+
+
+def test_readme_model_card_resnet_params_are_torchvisions():
+  """README's model card rows: torchvision's count without `fc`, and + GeM head
+  D=512 (whiten C x 512 + bias, GeM p)."""
+  readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "README.md")
+  with open(readme, encoding="utf-8") as f:
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+            for line in f if line.startswith("| resnet")}
+  checked = 0
+  for name, channels, n in _DEPTHS:
+    if name in rows:
+      assert rows[name] == [f"{n / 1e6:.2f}", f"{(n + channels * 512 + 512 + 1) / 1e6:.2f}"]
+      checked += 1
+  assert checked >= 3
 
 
 def test_resnet50_torchvision_key_layout():

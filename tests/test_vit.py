@@ -2,6 +2,7 @@
 against an independent NumPy forward, errors, build_model + jitted training."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
+from PIL import Image
 
 from qaff_jax import convert
 from qaff_jax import models
 from qaff_jax.models import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # vit_tiny: patch 8, D 32, 2 blocks, 2 heads, 4x4 grid, 2 registers, LayerScale.
 TINY = dict(width=32, depth=2, heads=2, patch=8, grid=4, registers=2)
@@ -68,7 +72,8 @@ def _cubic_matrix(n_in, n_out):
   """Rows: half-pixel bicubic weights (a=-0.5) renormalised at the borders.
 
   When shrinking, the kernel is widened by n_in / n_out (antialiasing, as
-  PIL and torch's `antialias=True` do).
+  PIL and torch's `antialias=True` do; timm resamples position embeddings
+  with `F.interpolate(mode="bicubic", antialias=True)`).
   """
   m = np.zeros((n_out, n_in))
   shrink = min(1.0, n_out / n_in)
@@ -244,14 +249,40 @@ def test_dinov2_and_no_embed_class_layouts_give_the_same_params():
     jax.tree.map(np.testing.assert_allclose, got, want)
 
 
-def test_other_grid_is_resampled_and_reported():
-  sd = timm_vit(**dict(TINY, grid=6), seed=7)
+def pil_resample(grid, size):
+  """[gh, gw, D] -> [size, D], channel by channel with PIL's float bicubic.
+
+  PIL's resampler (Keys a=-0.5, support widened when shrinking, weights
+  normalised) is what torch's `F.interpolate(mode="bicubic", antialias=True)`
+  reimplements, i.e. timm's `resample_abs_pos_embed`.
+  """
+  out = [np.asarray(Image.fromarray(np.asarray(grid[..., c], np.float32), mode="F")
+                    .resize((size[1], size[0]), Image.BICUBIC))
+         for c in range(grid.shape[-1])]
+  return np.stack(out, -1)
+
+
+def test_numpy_reference_is_pils_bicubic():
+  rng = np.random.default_rng(3)
+  for (h, w), size in [((6, 6), (4, 4)), ((3, 3), (4, 4)), ((4, 5), (7, 9)),
+                       ((37, 37), (16, 24))]:
+    grid = rng.normal(size=(h, w, 2))
+    np.testing.assert_allclose(np_resample(grid, size), pil_resample(grid, size),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [6, 3])  # shrunk (antialiased) / enlarged to 4x4
+def test_other_grid_is_resampled_and_reported(grid):
+  sd = timm_vit(**dict(TINY, grid=grid), seed=7)
   converted = convert.convert_tensors(sd, "vit_tiny")
-  assert any("6x6 to 4x4" in n for n in converted.notes)
-  grid = sd["pos_embed"][0, 1:].reshape(6, 6, 32)
-  np.testing.assert_allclose(
-      converted.params["pos_embed"][0],
-      np.asarray(vit.resample_pos_embed(jnp.asarray(grid), (4, 4))))
+  assert any(f"{grid}x{grid} to 4x4" in n for n in converted.notes)
+  table = sd["pos_embed"][0, 1:].reshape(grid, grid, 32)
+  got = converted.params["pos_embed"][0]
+  np.testing.assert_allclose(got, pil_resample(table, (4, 4)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, np_resample(table, (4, 4)), rtol=1e-5, atol=1e-6)
+  # The class row is folded into the class token, not resampled.
+  np.testing.assert_allclose(converted.params["cls_token"],
+                             sd["cls_token"] + sd["pos_embed"][:, :1])
 
 
 def test_wrong_vit_is_a_clear_error():
@@ -279,20 +310,80 @@ def _cfg(backbone, dtype="float32"):
                                         dtype=dtype))
 
 
-@pytest.mark.parametrize("name,size,grid,width,params_m,dtype", [
-    ("vit_small_patch16", 224, 14, 384, 21.67, "float32"),
-    ("vit_base_patch14_reg4", 518, 37, 768, 86.58, "bfloat16")])
-def test_variant_shapes(name, size, grid, width, params_m, dtype):
+# The architecture of every ViT backbone, as their timm / DINOv2 names say:
+# (patch p, width D, blocks, position grid g, registers R, LayerScale).
+ARCH = {
+    "vit_tiny": (8, 32, 2, 4, 2, True),
+    "vit_small_patch16": (16, 384, 12, 14, 0, False),
+    "vit_base_patch16": (16, 768, 12, 14, 0, False),
+    "vit_small_patch14": (14, 384, 12, 37, 0, True),
+    "vit_base_patch14": (14, 768, 12, 37, 0, True),
+    "vit_small_patch14_reg4": (14, 384, 12, 37, 4, True),
+    "vit_base_patch14_reg4": (14, 768, 12, 37, 4, True),
+}
+
+
+def vit_param_count(patch, width, depth, grid, registers, layer_scale, mlp_ratio=4):
+  """Parameters of the backbone, term by term (no classifier head)."""
+  d, h = width, mlp_ratio * width
+  layer_norm = 2 * d                                   # scale + bias
+  block = (layer_norm                                  # norm1
+           + d * 3 * d + 3 * d                         # attn.qkv
+           + d * d + d                                 # attn.proj
+           + layer_norm                                # norm2
+           + d * h + h + h * d + d                     # mlp.fc1, mlp.fc2
+           + (2 * d if layer_scale else 0))            # ls1, ls2 gamma
+  return (patch * patch * 3 * d + d                    # patch_embed.proj
+          + d                                          # cls_token
+          + registers * d                              # reg_token
+          + grid * grid * d                            # pos_embed (patch rows only)
+          + depth * block
+          + layer_norm)                                # final norm
+
+
+def test_param_formula_gives_timms_published_counts():
+  """timm's vit_{small,base}_patch16_224 (22,050,664 / 86,567,656 parameters)
+  also hold a class row in pos_embed and a 1000-class head."""
+  for name, published in (("vit_small_patch16", 22_050_664),
+                          ("vit_base_patch16", 86_567_656)):
+    d = ARCH[name][1]
+    assert vit_param_count(*ARCH[name]) + d + (d * 1000 + 1000) == published
+
+
+@pytest.mark.parametrize("name", sorted(ARCH))
+def test_param_count_is_the_architectures(name):
+  backbone = nnx.eval_shape(lambda: models.BACKBONES[name](rngs=nnx.Rngs(0)))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(backbone, nnx.Param)))
+  assert n == vit_param_count(*ARCH[name])
+  assert backbone.num_registers == ARCH[name][4]
+
+
+def test_readme_model_card_params_are_the_architectures():
+  """README's model card: params (M) and + GeM head D=512 (M) of the ViT rows."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    rows = [line for line in f if line.startswith("| vit_")]
+  assert len(rows) >= 4
+  for row in rows:
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    name = cells[0].split()[0]
+    n = vit_param_count(*ARCH[name])
+    d = ARCH[name][1]
+    assert cells[1] == f"{n / 1e6:.2f}", row
+    assert cells[2] == f"{(n + d * 512 + 512 + 1) / 1e6:.2f}", row  # whiten + GeM p
+
+
+@pytest.mark.parametrize("name,size,grid,dtype", [
+    ("vit_small_patch16", 224, 14, "float32"),
+    ("vit_base_patch14_reg4", 518, 37, "bfloat16")])
+def test_variant_shapes(name, size, grid, dtype):
   model = nnx.eval_shape(lambda: models.build_model(_cfg(name, dtype),
                                                     rngs=nnx.Rngs(0)))
-  n = sum(x.size for x in jax.tree.leaves(nnx.state(model.backbone,
-                                                    nnx.Param)))
-  assert abs(n / 1e6 - params_m) < 0.01
   out = nnx.eval_shape(lambda m, x: m(x, return_features=True), model,
                        jax.ShapeDtypeStruct((1, size, size - 30, 3),
                                             jnp.float32))
   p = model.backbone.output_stride
-  assert out["feature_map"].shape == (1, grid, -(-(size - 30) // p), width)
+  assert p == ARCH[name][0]
+  assert out["feature_map"].shape == (1, grid, -(-(size - 30) // p), ARCH[name][1])
   assert out["feature_map"].dtype == jnp.dtype(dtype)
 
 
