@@ -1,5 +1,6 @@
 """ScaNN index: recall vs exact search, save/load, brute-force fallback."""
 
+import math
 import os
 import shutil
 import time
@@ -266,3 +267,45 @@ def test_exact_is_chosen_when_faster_or_when_scann_misses(tmp_path):
                                 search.exact_search(q, x, 10)[1])
   with pytest.raises(ValueError, match="target"):
     ann.tune_for_recall(x, 10, 1.5)
+
+
+def test_verification_misses_fall_to_the_next_candidate(clustered, monkeypatch):
+  """A candidate that misses the target on the verification queries is not
+  chosen: the next fastest is verified; when all miss, one 1.25x step up."""
+  db, tune, verify = clustered
+  real_call = ann._Trials.__call__
+  state = {"misses": 0, "verified": []}
+
+  def call(self, leaves, reorder):
+    mean, se = real_call(self, leaves, reorder)
+    if self.q is not tune:   # the verification set: the first `misses` settings miss
+      key = (int(leaves), int(reorder))
+      if key not in state["verified"]:
+        state["verified"].append(key)
+      if state["verified"].index(key) < state["misses"]:
+        return 0.0, se
+    return mean, se
+
+  monkeypatch.setattr(ann._Trials, "__call__", call)
+  kw = dict(tune_queries=tune, verify_queries=verify, leaves_options=[141], num_single=5)
+
+  def run(misses):
+    state.update(misses=misses, verified=[])
+    t = ann.tune_for_recall(db, 100, 0.9, **kw)
+    ranked = [(c["leaves_to_search"], c["reorder"]) for c in t.report["candidates"]]
+    s = t.report["scann_settings"]
+    return t, ranked, (s["leaves_to_search"], s["reorder"])
+
+  t, ranked, chosen = run(0)
+  assert len(ranked) >= 2 and t.report["verify_checks"] == 1 and chosen == ranked[0]
+  t, ranked, chosen = run(1)
+  assert state["verified"][:2] == ranked[:2]          # fastest first
+  assert chosen == ranked[1] and t.report["verify_checks"] == 2
+  assert not t.report["stepped_up"] and t.report["verified"]
+  t, ranked, _ = run(len(ranked) + 1)
+  rep = t.report    # nothing verified: exact search, the stepped-up ScaNN reported
+  assert rep["stepped_up"] and rep["backend"] == "exact" and rep["scann_verified_recall"] == 0
+  assert rep["verify_checks"] == min(len(ranked), ann.VERIFY_CANDIDATES) + 1
+  s = rep["scann_settings"]
+  assert (s["leaves_to_search"], s["reorder"]) == (min(141, math.ceil(1.25 * ranked[0][0])),
+                                                    math.ceil(1.25 * ranked[0][1]))
