@@ -23,8 +23,9 @@ FLAGS = flags.FLAGS
 
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
+# Dense bf16 peaks; the first name found in device_kind wins (PCIe before SXM).
 PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
 }
