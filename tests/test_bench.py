@@ -10,6 +10,7 @@ import resource
 import types
 
 import jax
+import numpy as np
 import pytest
 
 from qaff_jax import config_lib
@@ -138,3 +139,32 @@ def test_extraction_benchmark_reports_its_own_measurements(monkeypatch):
   # half) pad up to the same multiples of 16: two shapes, each in both passes.
   assert sorted(set(seen)) == [(16, 16), (32, 32)]
   assert out["shape_buckets"] == len(set(seen)) == 2
+
+
+# ---------------------------------------------------------------------------
+# bench.search: the round-robin re-timing of the ScaNN rows.
+
+
+def test_search_retime_takes_each_rows_best_round(monkeypatch):
+  from qaff_jax.bench import search as bench
+  from qaff_jax.evaluation import ann
+
+  # A fake clock that only the searchers advance, by a per-call cost: row 'a'
+  # is slowed in round 0 only (a load spike), row 'b' in round 2 only.
+  now = [0.0]
+  monkeypatch.setattr(ann.time, "perf_counter", lambda: now[0])
+
+  class Fake:
+    def __init__(self, costs):
+      self.costs = list(costs)
+
+    def search_batched_parallel(self, q, k, reorder, leaves):
+      now[0] += self.costs.pop(0)
+
+  queries = np.zeros((100, 4), np.float32)
+  rows = [{"row": "a", "qps": 1.0}, {"row": "b", "qps": 2.0}]
+  retime = [(rows[0], Fake([4.0, 1.0, 2.0]), 5, 200),
+            (rows[1], Fake([0.5, 0.25, 8.0]), 5, 200)]
+  bench.retime_rows(retime, queries, 100, rounds=3)
+  assert rows[0] == {"row": "a", "qps": 100.0, "qps_in_place": 1.0}
+  assert rows[1] == {"row": "b", "qps": 400.0, "qps_in_place": 2.0}

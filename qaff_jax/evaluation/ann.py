@@ -537,8 +537,9 @@ def _walk(trials: _Trials, num_leaves: int, target: float, reorder_max: int,
   return found
 
 
-def _batched_qps(searcher, queries, k: int, leaves: int, reorder: int,
-                 repeats: int = 2) -> float:
+def batched_qps(searcher, queries, k: int, leaves: int, reorder: int,
+                repeats: int = 2) -> float:
+  """Queries/s of multi-threaded batched search, the best of `repeats`."""
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -688,7 +689,7 @@ def tune_for_recall(
       for cand in _walk(per_build[b], leaves, target, reorder_max, max_trials):
         key = (b, *cand)
         if key not in timed:
-          timed[key] = _batched_qps(searcher, tq, width, *cand)
+          timed[key] = batched_qps(searcher, tq, width, *cand)
         options.append((timed[key], b, cand))
     results.append((target, options))
   tuning_s = time.perf_counter() - t_tune
