@@ -265,6 +265,110 @@ def test_init_from_copies_backbone(data_root, tmp_path):
   np.testing.assert_array_equal(fresh, kept)  # the head is not touched
 
 
+def _save_trees(directory, params, model_state, step=1):
+  """A checkpoint folder whose `state` item holds the given (pure dict) trees."""
+  ckpt = train_lib.ckpt_lib.Checkpointer(str(directory), async_save=False)
+  ckpt.save(step, {"params": params, "model_state": model_state}, force=True)
+  ckpt.close()
+  return str(directory)
+
+
+def _pure_host(tree):
+  from flax import nnx
+  return nnx.to_pure_dict(jax.device_get(tree))
+
+
+def test_init_from_is_not_reapplied_on_resume(data_root, tmp_path, monkeypatch):
+  """`--init_from` imports the backbone on a fresh start only: a resumed run starts
+  from its own checkpoint (and the checkpoints follow config.keep_checkpoints)."""
+  config = tiny_config(data_root, total_steps=4, checkpoint_every=1, keep_checkpoints=2)
+  mesh = parallel.make_mesh(config.mesh.model)
+  tx, _ = train_lib.make_optimizer(config)
+  _, other, _ = train_lib.create_train_state(tiny_config(data_root, seed=7), mesh, tx)
+  source = _save_trees(tmp_path / "source", _pure_host(other.params),
+                       _pure_host(other.model_state))
+  calls, entering = [], []
+  real_init, real_jit = train_lib.init_backbone_from, train_lib.jit_train_step
+  monkeypatch.setattr(train_lib, "init_backbone_from",
+                      lambda state, path, sh: calls.append(path) or real_init(state, path, sh))
+
+  def jit_recording_first_state(*args, **kwargs):
+    step = real_jit(*args, **kwargs)
+    def run(state, batch, rng):
+      if not entering:   # the state the (resumed) run's first step starts from
+        entering.append(_pure_host(state.params)["net"]["backbone"])
+      return step(state, batch, rng)
+    return run
+
+  monkeypatch.setattr(train_lib, "jit_train_step", jit_recording_first_state)
+  run = str(tmp_path / "run")
+  with pytest.raises(_Killed):
+    train_lib.train_and_evaluate(config, run, init_from=source, on_step=_kill_at(3))
+  assert calls == [source]
+  ckpts = os.path.join(run, "checkpoints")
+  assert sorted(os.listdir(ckpts)) == ["2", "3"]      # keep_checkpoints=2 of 3 saves
+  imported = entering.pop()
+  entering.clear()
+  train_lib.train_and_evaluate(config, run, init_from=source)
+  assert calls == [source]                            # not imported again
+  assert sorted(os.listdir(ckpts)) == ["3", "4"]
+  trained = train_lib._pure(train_lib.ckpt_lib.restore_params_from(
+      os.path.join(ckpts, "3"))["params"])["net"]["backbone"]
+  resumed = entering[0]
+  def flat(tree):  # list index 0 and a restored dict key '0' are the same key
+    return {"/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  trained, resumed, imported = flat(trained), flat(resumed), flat(imported)
+  assert set(resumed) == set(trained) == set(imported)
+  for key in resumed:
+    np.testing.assert_array_equal(resumed[key], trained[key], err_msg=key)
+  assert not np.allclose(resumed["conv1/kernel"], imported["conv1/kernel"])
+
+
+def test_init_from_errors_name_the_path_and_the_key(data_root, tmp_path):
+  config = tiny_config(data_root)
+  mesh = parallel.make_mesh(config.mesh.model)
+  tx, _ = train_lib.make_optimizer(config)
+  _, state, shardings = train_lib.create_train_state(config, mesh, tx)
+  params, model_state = _pure_host(state.params), _pure_host(state.model_state)
+
+  missing = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    train_lib.init_backbone_from(state, missing, shardings)
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match=r"empty holds no finished checkpoint"):
+    train_lib.init_backbone_from(state, str(tmp_path / "empty"), shardings)
+
+  # Another architecture: a ViT's checkpoint has none of the ResNet's keys.
+  vit = config_lib.apply_overrides(tiny_config(data_root), {"model.backbone": "vit_tiny"})
+  _, abstract_vit, _ = train_lib.abstract_train_state(vit, mesh, tx)
+  zeros = lambda tree: _pure_host(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree))
+  path = _save_trees(tmp_path / "vit", zeros(abstract_vit.params),
+                     zeros(abstract_vit.model_state))
+  with pytest.raises(ValueError, match=rf"--init_from {path}: backbone params missing "
+                                       r".*\['conv1'\]\['kernel'\]"):
+    train_lib.init_backbone_from(state, path, shardings)
+
+  # The same architecture at another width: the key and both shapes are named.
+  kernel = params["net"]["backbone"]["conv1"]["kernel"]
+  wide = jax.tree.map(lambda a: a, params)
+  wide["net"]["backbone"]["conv1"]["kernel"] = np.zeros(kernel.shape[:-1] + (kernel.shape[-1] * 2,),
+                                                       kernel.dtype)
+  path = _save_trees(tmp_path / "wide", wide, model_state)
+  shape = tuple(kernel.shape)
+  with pytest.raises(ValueError) as err:
+    train_lib.init_backbone_from(state, path, shardings)
+  msg = str(err.value)
+  assert path in msg and "['conv1']['kernel']" in msg, msg
+  assert str(shape[:-1] + (shape[-1] * 2,)) in msg and str(shape) in msg, msg
+
+  # No backbone at all (e.g. a head-only export).
+  path = _save_trees(tmp_path / "headonly", {"net": {"head": params["net"]["head"]}},
+                     model_state)
+  with pytest.raises(ValueError, match=r"has no params\['net'\]\['backbone'\]"):
+    train_lib.init_backbone_from(state, path, shardings)
+
+
 def test_corrupt_records_are_skipped_and_counted_in_the_metrics(data_root, tmp_path):
   import shutil
   from qaff_jax.data import records
