@@ -162,6 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-4
   c.optim.warmup_epochs = 5.0
   c.optim.grad_clip = 0.0          # global-norm clip; 0 disables
+  # Weight decay applies to matrices and conv kernels (ndim > 1) except these
+  # parameter names: ViT tokens and position embeddings and ULTRON's relative
+  # position bias tables, as timm's `no_weight_decay` excludes them.
+  c.optim.no_decay_names = ("cls_token", "reg_token", "pos_embed", "rel_bias")
 
   c.batch_size = 256               # global, across all devices and hosts
   c.grad_accum = 1                 # micro-batches per update

@@ -68,7 +68,12 @@ def total_steps(config) -> int:
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD (nesterov) or AdamW; linear warm-up then cosine to zero; decay on kernels only."""
+  """SGD (nesterov) or AdamW; linear warm-up then cosine to zero.
+
+  Weight decay on parameters with ndim > 1 (kernels, class matrix, QAFF/SpCa
+  embeddings) whose name is not in `config.optim.no_decay_names`; biases,
+  norm scales and other vectors and scalars are not decayed.
+  """
   o = config.optim
   steps = total_steps(config)
   warmup = min(int(o.warmup_epochs * steps_per_epoch(config)), steps - 1)
@@ -78,8 +83,12 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   else:
     schedule = optax.cosine_decay_schedule(o.lr, decay_steps=steps)
 
+  skip = set(o.get("no_decay_names", ()))
+
   def decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim > 1 and not any(
+            str(getattr(k, "key", getattr(k, "name", ""))) in skip for k in path), params)
 
   if o.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
