@@ -272,6 +272,23 @@ def check_config(config, *, need_data: bool = True) -> None:
                      f"multiple of config.grad_accum={config.grad_accum}")
   if config.loss.name not in losses.LOSSES:
     raise ValueError(f"config.loss.name={config.loss.name!r}; choose one of {losses.LOSSES}")
+  check_eval_config(config)
+
+
+def check_eval_config(config) -> None:
+  """The extraction settings, checked before training so a typo does not
+  surface only at the end-of-training evaluation."""
+  scales = config.eval.scales
+  if (not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                            and s > 0 for s in scales)):
+    raise ValueError(f"config.eval.scales={tuple(scales)!r}: give positive numbers, "
+                     "e.g. --config.eval.scales='(0.7071,1.0,1.4142)'")
+  if not isinstance(config.eval.max_side, int) or config.eval.max_side <= 0:
+    raise ValueError(f"config.eval.max_side={config.eval.max_side!r} must be a positive "
+                     "integer")
+  if config.eval.scale_reduce not in ("mean", "max"):
+    raise ValueError(f"config.eval.scale_reduce={config.eval.scale_reduce!r}; choose "
+                     "'mean' or 'max'")
 
 
 def _finite_or_raise(loss: float, step: int, last_saved: int | None) -> None:

@@ -102,6 +102,11 @@ def test_help_exits_0(module):
                         "--config.data.train_files=/data/gldv2/train-*",
                         "--config.data.num_classes=0"],
      ["config.data.num_classes=0 must be > 0"]),
+    # Extraction settings are checked before training, not at its end.
+    ("qaff_jax.train", [*DEMO, "--config.eval.scales=a,b"],
+     ["config.eval.scales=('a,b',)", "positive numbers"]),
+    ("qaff_jax.train", [*DEMO, "--config.eval.scale_reduce=median"],
+     ["config.eval.scale_reduce='median'"]),
     ("qaff_jax.convert", [], ["missing --from, --arch, --out"]),
     ("qaff_jax.bench.extract", [], ["missing --config"]),
     ("qaff_jax.viz.fusion", [], ["--workdir", "--help"]),
