@@ -168,3 +168,19 @@ def test_search_retime_takes_each_rows_best_round(monkeypatch):
   bench.retime_rows(retime, queries, 100, rounds=3)
   assert rows[0] == {"row": "a", "qps": 100.0, "qps_in_place": 1.0}
   assert rows[1] == {"row": "b", "qps": 400.0, "qps_in_place": 2.0}
+
+
+def test_search_oracle_leaves_is_the_fewest_meeting_the_target():
+  from qaff_jax.bench import search as bench
+  from qaff_jax.evaluation import ann
+
+  db, queries, _, _ = bench.make_data(30_000, 32, 200, 0, None, 1.0, 0, kind="flat")
+  exact = np.argsort(-(queries.astype(np.float64) @ db.T.astype(np.float64)), axis=1)[:, :50]
+  _, searcher, _ = bench.build_scann_for(db, 300, 30_000, 50)
+  recall = lambda leaves: ann.recall_at_k(
+      ann.scann_search(searcher, queries, 50, leaves, 200)[1], exact, 50)
+  for target in (0.9, 0.97):
+    fewest = bench.oracle_leaves(searcher, queries, exact, 50, 300, 200, target)
+    assert fewest is not None and 1 < fewest < 300
+    assert recall(fewest) >= target > recall(fewest - 1), (target, fewest)
+  assert bench.oracle_leaves(searcher, queries, exact, 50, 300, 200, 1.01) is None
