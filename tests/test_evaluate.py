@@ -275,6 +275,13 @@ def test_descriptor_cache_is_keyed_by_step_settings_and_ids(trained, tmp_path, m
   assert len(calls) == n + 1
   runner.cached_extract(path, ["d", "b", "a"], loaders, sizes, **kw)
   assert len(calls) == n + 2
+  # The same ids and settings with other image sizes (another copy of the
+  # images, or --skip_missing's blank stand-in for one of them) re-extracts.
+  runner.cached_extract(path, ["d", "b", "a"], loaders, [(8, 8), (64, 64), (8, 8)], **kw)
+  assert len(calls) == n + 3
+  runner.cached_extract(path, ["d", "b", "a"], loaders, sizes, **kw)
+  assert len(calls) == n + 4
+  n += 2
   # The same file name with other settings (the file records its settings key).
   for key, value in changes.items():
     other = dataclasses.replace(settings, **{key: value})

@@ -108,18 +108,25 @@ def cached_extract(path: str | None, ids: Sequence[str], loaders, sizes, *, forw
   """Extracts (or reloads from `path`) outputs for images `ids`.
 
   The file holds `ids`, `descriptor` and other per-image outputs (e.g.
-  `fusion_weights`); it is reused only when its ids and settings match.
+  `fusion_weights`); it is reused only when its ids, settings and image sizes
+  match (sizes: another copy of the images, or a --skip_missing run's blank
+  stand-ins, is not mistaken for the cached one; same-sized files whose pixels
+  changed are not detected).
   """
+  sizes_key = hashlib.sha256(np.asarray(sizes, np.int64).tobytes()).hexdigest()[:16]
+  meta = ("ids", "settings", "sizes_key")
   if path and os.path.exists(path):
     with np.load(path, allow_pickle=False) as z:
-      if list(z["ids"]) == list(ids) and str(z["settings"]) == settings.key():
+      if (list(z["ids"]) == list(ids) and str(z["settings"]) == settings.key()
+          and "sizes_key" in z.files and str(z["sizes_key"]) == sizes_key):
         logging.info("reusing descriptors %s", path)
-        return {k: z[k] for k in z.files if k not in ("ids", "settings")}
+        return {k: z[k] for k in z.files if k not in meta}
   out = extract_lib.extract(forward, loaders, sizes, mesh=mesh, max_side=settings.max_side,
                             scales=settings.scales, batch_size=settings.batch_size,
                             bucket=settings.bucket, scale_reduce=settings.scale_reduce)
   if path and jax.process_index() == 0:
-    _save_npz(path, ids=np.asarray(ids, dtype=str), settings=settings.key(), **out)
+    _save_npz(path, ids=np.asarray(ids, dtype=str), settings=settings.key(),
+              sizes_key=sizes_key, **out)
   return out
 
 
