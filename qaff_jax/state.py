@@ -87,8 +87,8 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 
   def decay_mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim > 1 and not any(
-            str(getattr(k, "key", getattr(k, "name", ""))) in skip for k in path), params)
+        lambda path, p: p.ndim > 1 and not skip.intersection(map(str, key_names(path))),
+        params)
 
   if o.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
@@ -117,6 +117,11 @@ def _is_fusion_param(names: list) -> bool:
   return any(isinstance(n, str) and n.startswith("fusion_") for n in names)
 
 
+def key_names(path) -> list:
+  """The names along a pytree key path (dict keys, attribute names; None else)."""
+  return [getattr(k, "key", getattr(k, "name", None)) for k in path]
+
+
 def scale_updates_where(predicate: Callable[[list], bool], factor: float
                         ) -> optax.GradientTransformation:
   """Multiplies the updates of the leaves whose key path satisfies `predicate`.
@@ -131,8 +136,7 @@ def scale_updates_where(predicate: Callable[[list], bool], factor: float
   def update(updates, state, params=None):
     del params
     def one(path, u):
-      names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-      return u * factor if predicate(names) else u
+      return u * factor if predicate(key_names(path)) else u
     return jax.tree_util.tree_map_with_path(one, updates), state
 
   return optax.GradientTransformation(init, update)
@@ -143,7 +147,7 @@ def state_shardings(abstract_state: TrainState, mesh, fsdp: bool):
   data_size = mesh.shape["data"]
 
   def one(path, leaf):
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    names = key_names(path)
     shape = tuple(getattr(leaf, "shape", ()))
     if "classifier" in names and len(shape) == 2:
       return parallel.class_rows_sharding(mesh)

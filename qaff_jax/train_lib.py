@@ -30,6 +30,7 @@ from qaff_jax import metric_writer
 from qaff_jax import parallel
 from qaff_jax.data import pipeline
 from qaff_jax.data import transforms
+from qaff_jax.evaluation import extract
 
 
 from qaff_jax.state import (  # noqa: F401 (re-exported: the trainer's API)
@@ -286,7 +287,7 @@ def check_eval_config(config) -> None:
   if not isinstance(config.eval.max_side, int) or config.eval.max_side <= 0:
     raise ValueError(f"config.eval.max_side={config.eval.max_side!r} must be a positive "
                      "integer")
-  if config.eval.scale_reduce not in ("mean", "max"):
+  if config.eval.scale_reduce not in extract.SCALE_REDUCES:
     raise ValueError(f"config.eval.scale_reduce={config.eval.scale_reduce!r}; choose "
                      "'mean' or 'max'")
 

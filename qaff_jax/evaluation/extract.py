@@ -28,6 +28,7 @@ from qaff_jax import parallel
 from qaff_jax.data import transforms
 
 DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
+SCALE_REDUCES = ("mean", "max")   # over scales: the average, or SuperGlobal's max
 
 
 def scaled_size(h: int, w: int, max_side: int, scale: float) -> tuple[int, int]:
@@ -109,7 +110,7 @@ def extract(forward: Callable, loaders: Sequence[Callable[[], np.ndarray]],
     over scales.
   """
   n = len(loaders)
-  if scale_reduce not in ("mean", "max"):
+  if scale_reduce not in SCALE_REDUCES:
     raise ValueError(f"scale_reduce={scale_reduce!r}; choose 'mean' or 'max'")
   if len(sizes) != n:
     raise ValueError(f"{len(sizes)} sizes for {n} images")
