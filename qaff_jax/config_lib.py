@@ -196,7 +196,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.qe = ml_collections.ConfigDict(dict(n=2, alpha=3.0))   # aQE and DBA
   # ScaNN: 0 = choose from the database size (sqrt(n) leaves, 16% searched, reorder 5k).
   # target_recall > 0: tune build + search settings for that recall@k instead
-  # (ann.tune_for_recall; the other fields except the AH ones are then unused).
+  # (ann.tune_for_recall: SOAR builds at AH 2 and 4 dims/block, ann.default_build_options;
+  # the other fields are then unused).
   c.eval.scann = ml_collections.ConfigDict(dict(
       num_leaves=0, num_leaves_to_search=0, reorder=0, training_sample_size=250_000,
       dims_per_block=2, anisotropic_quantization_threshold=0.2, target_recall=0.0))

@@ -209,8 +209,11 @@ def test_tuned_recall_holds_on_held_out_queries(clustered, tuned_pair):
     if t.backend == "scann":   # chosen only when faster than exact search
       assert rep["qps_batched"] > rep["exact_qps"] > 0
       assert rep["single_ms_p50"] <= rep["single_ms_p99"]
-      # float32 re-ordering copy + D/2 AH code bytes + int32 token (+ < 8 for the tree).
-      assert 32 * 4 + 16 + 4 <= rep["bytes_per_image"] <= 32 * 4 + 16 + 4 + 8
+      # float32 re-ordering copy + D/2 AH code bytes + int32 token per leaf a
+      # row sits in (two with SOAR spilling), + < 8 for the tree.
+      copies = 1 if rep["scann_settings"]["soar_lambda"] is None else 2
+      per_row = 32 * 4 + copies * (16 + 4)
+      assert per_row <= rep["bytes_per_image"] <= per_row + 8, (copies, rep["bytes_per_image"])
     else:
       assert rep["qps_batched"] == rep["exact_qps"]
       assert rep.get("bytes_per_image", 32 * 4) == 32 * 4   # no index
@@ -308,3 +311,44 @@ def test_verification_misses_fall_to_the_next_candidate(clustered, monkeypatch):
   s = rep["scann_settings"]
   assert (s["leaves_to_search"], s["reorder"]) == (min(141, math.ceil(1.25 * ranked[0][0])),
                                                     math.ceil(1.25 * ranked[0][1]))
+
+
+def test_soar_spilling_reaches_scann(tmp_path):
+  """soar_lambda builds ScaNN's SOAR index: at the same leaves searched it
+  finds more of the exact top-k, stores a second AH code + token per row, and
+  survives a save / load."""
+  from qaff_jax.bench import search as bench
+  db, q, _, _ = bench.make_data(30_000, 32, 200, 0, None, 1.0, 0, kind="flat")
+  exact = np.argsort(-(q.astype(np.float64) @ db.T.astype(np.float64)), axis=1)[:, :50]
+  kw = dict(num_leaves=300, training_sample_size=30_000, k=50, reorder=200)
+  plain, soar = ann.build_scann(db, **kw), ann.build_scann(db, soar_lambda=1.5, **kw)
+  recall = lambda s: ann.recall_at_k(ann.scann_search(s, q, 50, 6, 200)[1], exact, 50)
+  assert recall(soar) > recall(plain) + 0.03, (recall(soar), recall(plain))
+  sizes = [ann.bytes_per_image(ann.save_scann(s, tmp_path / name), len(db))
+           for s, name in ((plain, "plain"), (soar, "soar"))]
+  assert sizes[1] - sizes[0] == pytest.approx(32 // 2 + 4, abs=1.5), sizes
+  loaded = ann.load_scann(tmp_path / "soar")
+  np.testing.assert_array_equal(ann.scann_search(loaded, q, 50, 6, 200)[1],
+                                ann.scann_search(soar, q, 50, 6, 200)[1])
+
+
+def test_tuner_walks_every_build_option(clustered):
+  """Each build option is built as given and walked; the chosen settings carry
+  the build they came from."""
+  assert ann.default_build_options(1_000_000) == [
+      {"num_leaves": 2000, "dims_per_block": d, "soar_lambda": 1.5} for d in (2, 4)]
+  db, tune, verify = clustered
+  options = [{"num_leaves": 100, "dims_per_block": 2, "soar_lambda": None},
+             {"num_leaves": 120, "dims_per_block": 4, "soar_lambda": 1.5}]
+  t = ann.tune_for_recall(db, 100, 0.9, tune_queries=tune, verify_queries=verify,
+                          build_options=options, num_single=5)
+  rep = t.report
+  built = {(c["num_leaves"], c["dims_per_block"], c["soar_lambda"]) for c in rep["candidates"]}
+  assert built == {(100, 2, None), (120, 4, 1.5)}, built
+  s = rep["scann_settings"]
+  assert (s["num_leaves"], s["dims_per_block"], s["soar_lambda"]) in built
+  assert s["anisotropic_quantization_threshold"] == 0.2
+  if t.backend == "scann":
+    copies = 1 if s["soar_lambda"] is None else 2
+    per_row = 32 * 4 + copies * (32 // s["dims_per_block"] + 4)   # 1 byte a code
+    assert per_row <= rep["bytes_per_image"] <= per_row + 8

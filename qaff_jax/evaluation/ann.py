@@ -63,6 +63,7 @@ def build_scann(
     k: int = 100,
     brute_force_below: int = BRUTE_FORCE_BELOW,
     training_threads: int = 0,
+    soar_lambda: float | None = None,
 ) -> Any:
   """Builds a ScaNN dot-product searcher over L2-normalised descriptors.
 
@@ -82,6 +83,12 @@ def build_scann(
     brute_force_below: databases with fewer rows get an exact brute-force
       searcher (all tree/AH arguments are then ignored).
     training_threads: threads for training (0: all cores).
+    soar_lambda: None (each row in one leaf), or SOAR spilling (Sun et al.,
+      NeurIPS 2023): each row also goes to a second leaf chosen so that its
+      residual there is near-orthogonal to the first (ScaNN's
+      TWO_CENTER_ORTHOGONALITY_AMPLIFIED; lambda 1.5 is the paper's and
+      ScaNN's default): a second AH code and token per row, far fewer leaves
+      to search for the same recall on data whose neighbours straddle leaves.
 
   Returns:
     A `scann.scann_ops_pybind.ScannSearcher`.
@@ -101,7 +108,8 @@ def build_scann(
   to_search = max(1, min(int(num_leaves_to_search), leaves))
   sample = min(n, DEFAULT_TRAINING_SAMPLE if training_sample_size is None
                else int(training_sample_size))
-  builder = builder.tree(leaves, to_search, training_sample_size=sample)
+  builder = builder.tree(leaves, to_search, training_sample_size=sample,
+                         soar_lambda=None if soar_lambda is None else float(soar_lambda))
   builder = builder.score_ah(
       dims_per_block,
       anisotropic_quantization_threshold=anisotropic_quantization_threshold,
@@ -349,11 +357,14 @@ def tune_scann(
 #    and the approximate result, so a row never "finds itself".
 # 2. Exact top-k of both sets with `search.exact_search`; the second call is
 #    timed: exact search's batched queries/s on this database.
-# 3. Builds: tree + AH (anisotropic 0.2) + float32 re-ordering, with
-#    sqrt(n) and 2 sqrt(n) leaves (`leaves_options`).
+# 3. Builds (`default_build_options`): 2 sqrt(n) leaves with SOAR spilling,
+#    AH (anisotropic 0.2) at 2 and at 4 dims per block, float32 re-ordering.
+#    On the 1M x 512 flat benchmark SOAR halves the leaves a recall needs and
+#    4 dims/block halves the scan per leaf at the price of more re-ordering;
+#    which wins depends on the target, so both are built and walked.
 # 4. Per build and target, on the tuning set: leaves_to_search doubles from
 #    1% of the leaves at a generous fixed reorder until the target is met,
-#    then bisects down; at that count and two larger ones the smallest
+#    then bisects down; at that count and three larger ones the smallest
 #    reorder still meeting it is bisected on a sqrt(2) grid. A setting meets
 #    the target when its recall minus one standard error does. Recalls are
 #    memoised, so a second target re-uses the first one's searches.
@@ -376,12 +387,25 @@ VERIFY_CANDIDATES = 4
 # at 1 the 1M flat benchmark's 0.99 pick verified 0.9907 and gave 0.9895 on
 # fresh queries).
 VERIFY_SE = 2.0
+SOAR_LAMBDA = 1.5        # ScaNN's and the SOAR paper's default
+# Leaves_to_search of the walk's candidates, as multiples of the fewest that
+# meet the target at the widest reorder (finer near 1: verification at
+# recall - 2 SE often rejects the first).
+CANDIDATE_LEAVES = (1.0, 1.1, 1.25, 1.6)
 
 
 def default_leaves_options(n: int) -> list[int]:
-  """Leaf counts tried by `tune_for_recall`: sqrt(n) and 2 sqrt(n) (>= 20 rows a leaf)."""
+  """Leaf counts: sqrt(n) and 2 sqrt(n) (>= 20 rows a leaf)."""
   root = math.sqrt(n)
   return sorted({int(max(1, min(round(f * root), n // 20))) for f in (1, 2)})
+
+
+def default_build_options(n: int) -> list[dict]:
+  """The builds `tune_for_recall` tries: 2 sqrt(n) leaves with SOAR spilling,
+  AH at 2 and at 4 dims per block (see the notes above `SETTINGS_FILE`)."""
+  leaves = default_leaves_options(n)[-1]
+  return [{"num_leaves": leaves, "dims_per_block": d, "soar_lambda": SOAR_LAMBDA}
+          for d in (2, 4)]
 
 
 def choose_backend(scann_qps: float | None, exact_qps: float, met_target: bool
@@ -495,7 +519,8 @@ class _Trials:
 
 def _walk(trials: _Trials, num_leaves: int, target: float, reorder_max: int,
           max_trials: int) -> list[tuple[int, int]]:
-  """(leaves_to_search, reorder) candidates meeting `target` (at most 3)."""
+  """(leaves_to_search, reorder) candidates meeting `target` (at most
+  len(CANDIDATE_LEAVES))."""
   def ok(leaves, reorder):
     mean, se = trials(leaves, reorder)
     return mean - se >= target
@@ -526,12 +551,11 @@ def _walk(trials: _Trials, num_leaves: int, target: float, reorder_max: int,
     else:
       lo = mid
   # Reorder: the smallest on a sqrt(2) grid still meeting the target, at the
-  # minimal leaves and at two larger counts (more leaves may allow less reorder).
+  # minimal leaves and at larger counts (more leaves may allow less reorder).
   grid = sorted({min(reorder_max, math.ceil(trials.width * 2 ** (i / 2)))
                  for i in range(2 * math.ceil(math.log2(reorder_max / trials.width)) + 1)})
   found = []
-  for leaves in sorted({hi, min(num_leaves, math.ceil(1.25 * hi)),
-                        min(num_leaves, math.ceil(1.6 * hi))}):
+  for leaves in sorted({min(num_leaves, math.ceil(f * hi)) for f in CANDIDATE_LEAVES}):
     lo_i, hi_i = -1, len(grid) - 1   # grid[hi_i] meets the target (monotone in leaves)
     while hi_i - lo_i > 1 and budget[0] > 0:
       mid = (lo_i + hi_i) // 2
@@ -564,11 +588,13 @@ def tune_for_recall(
     verify_queries: Any = None,
     n_tune: int = 1000,
     n_verify: int = 1000,
+    build_options: Sequence[dict] | None = None,
     leaves_options: Sequence[int] | None = None,
     training_sample_size: int | None = None,
     dims_per_block: int = 2,
+    soar_lambda: float | None = SOAR_LAMBDA,
     anisotropic_quantization_threshold: float = 0.2,
-    builds: Sequence[tuple[int, Any, float]] | None = None,
+    builds: Sequence[tuple] | None = None,
     exact_db: Any = None,
     max_trials: int = MAX_TRIALS,
     index_dir: str | os.PathLike | None = None,
@@ -584,11 +610,17 @@ def tune_for_recall(
       sharing the builds and the exact ground truth).
     tune_queries, verify_queries: held-out query sets (default: `n_tune` and
       `n_verify` disjoint random database rows, searched leave-one-out).
-    leaves_options: tree sizes to build (default `default_leaves_options(n)`).
+    build_options: the indexes to build, each a dict with num_leaves and
+      optionally dims_per_block, soar_lambda, anisotropic_quantization_threshold
+      (default: `leaves_options` if given, else `default_build_options(n)`).
+    leaves_options: tree sizes to build, each with `dims_per_block`,
+      `soar_lambda` and `anisotropic_quantization_threshold`.
     training_sample_size: k-means / AH training sample (default min(n, 250k)).
-    dims_per_block, anisotropic_quantization_threshold: AH settings.
-    builds: already built searchers as (num_leaves, searcher, build_s), used
-      instead of building `leaves_options` (they must have re-ordering on).
+    dims_per_block, soar_lambda, anisotropic_quantization_threshold: the
+      build settings of `leaves_options` and the defaults of `build_options`.
+    builds: already built searchers as (num_leaves, searcher, build_s) or
+      (num_leaves, searcher, build_s, build option dict), used instead of
+      building (they must have re-ordering on).
     exact_db: the database already on the device (for the exact searches).
     max_trials: recall evaluations per (build, target); the settings tried are
       at most max_trials * builds * targets, plus 3 timed candidates each.
@@ -674,25 +706,32 @@ def tune_for_recall(
   sample = min(n, DEFAULT_TRAINING_SAMPLE if training_sample_size is None
                else int(training_sample_size))
   reorder_max = min(n, REORDER_FACTOR_MAX * width)
+  base = {"dims_per_block": dims_per_block, "soar_lambda": soar_lambda,
+          "anisotropic_quantization_threshold": anisotropic_quantization_threshold}
   if builds is None:
+    if build_options is None:
+      build_options = ([{"num_leaves": leaves} for leaves in leaves_options]
+                       if leaves_options else default_build_options(n))
     builds = []
-    for leaves in (leaves_options or default_leaves_options(n)):
+    for option in build_options:
+      option = {**base, **option}
       t0 = time.perf_counter()
-      searcher = build_scann(
-          x, num_leaves=leaves, training_sample_size=sample, dims_per_block=dims_per_block,
-          anisotropic_quantization_threshold=anisotropic_quantization_threshold,
-          reorder=reorder_max, k=width)
-      builds.append((num_leaves_of(searcher), searcher, time.perf_counter() - t0))
+      searcher = build_scann(x, training_sample_size=sample, reorder=reorder_max, k=width,
+                             **option)
+      builds.append((num_leaves_of(searcher), searcher, time.perf_counter() - t0,
+                     {**option, "num_leaves": num_leaves_of(searcher)}))
+  builds = [(b[0], b[1], b[2], {**(b[3] if len(b) > 3 else {}), "num_leaves": b[0]})
+            for b in builds]
   builds_s = sum(b[2] for b in builds)
 
   # Walks and candidate timings per (build, target).
   t_tune = time.perf_counter()
-  per_build = [_Trials(s, tq, tune_exact, tune_self, k) for _, s, _ in builds]
+  per_build = [_Trials(b[1], tq, tune_exact, tune_self, k) for b in builds]
   timed: dict[tuple[int, int, int], float] = {}
   results = []
   for target in targets:
     options = []
-    for b, (leaves, searcher, _) in enumerate(builds):
+    for b, (leaves, searcher, _, _) in enumerate(builds):
       for cand in _walk(per_build[b], leaves, target, reorder_max, max_trials):
         key = (b, *cand)
         if key not in timed:
@@ -701,14 +740,14 @@ def tune_for_recall(
     results.append((target, options))
   tuning_s = time.perf_counter() - t_tune
   tried = sum(len(t.seen) for t in per_build)
-  # Each walk: max_trials budgeted searches + at most 3 closing checks.
-  bound = (max_trials + 3) * len(builds) * len(targets)
+  # Each walk: max_trials budgeted searches + a closing check per candidate.
+  bound = (max_trials + len(CANDIDATE_LEAVES)) * len(builds) * len(targets)
 
   out = []
   for target, options in results:
     common_t = {"tuning_s": tuning_s, "settings_tried": tried, "settings_timed": len(timed),
                 "settings_bound": bound, "builds_s_total": builds_s,
-                "candidates": [{"num_leaves": builds[b][0], "leaves_to_search": c[0],
+                "candidates": [{**builds[b][3], "leaves_to_search": c[0],
                                 "reorder": c[1], "tuning_qps": qps,
                                 "tuning_recall": per_build[b](*c)[0]}
                                for qps, b, c in sorted(options, reverse=True)]}
@@ -733,15 +772,14 @@ def tune_for_recall(
       leaves = min(builds[b][0], math.ceil(1.25 * leaves))
       reorder = min(reorder_max, math.ceil(1.25 * reorder))
       (verified_recall, verified_se), stepped_up = checks[b](leaves, reorder), True
-    num_leaves, searcher, build_s = builds[b]
+    num_leaves, searcher, build_s, option = builds[b]
     verify_checks = sum(len(c.seen) for c in checks.values())
     lat = measure_latency(searcher, vq, width, leaves, reorder, num_single=num_single)
     met = verified_recall >= target
     backend, reason = choose_backend(lat["parallel_qps"], exact_qps, met)
-    settings = {"backend": backend, "k": k, "num_leaves": num_leaves,
+    settings = {**option, "backend": backend, "k": k, "num_leaves": num_leaves,
                 "leaves_to_search": leaves, "reorder": reorder,
-                "training_sample_size": sample, "dims_per_block": dims_per_block,
-                "anisotropic_quantization_threshold": anisotropic_quantization_threshold}
+                "training_sample_size": sample}
     report = {**common, **common_t, "target_recall": target, "backend": backend,
               "reason": reason, "verified_recall": verified_recall,
               "verified_recall_se": verified_se, "verified": met,
@@ -791,7 +829,10 @@ def format_report(report: dict) -> str:
   else:
     parts.append(f"{report['qps_batched']:.0f} q/s batched")
   if s:
-    parts.append(f"leaves {s['leaves_to_search']}/{s['num_leaves']}, reorder {s['reorder']}")
+    soar = s.get("soar_lambda")
+    parts.append(f"leaves {s['leaves_to_search']}/{s['num_leaves']}, reorder {s['reorder']}, "
+                 f"AH {s.get('dims_per_block', 2)} dims/block"
+                 + (f", SOAR {soar:g}" if soar is not None else ""))
   if "settings_tried" in report:
     parts.append(f"{report['settings_tried']} settings tried (bound "
                  f"{report.get('settings_bound', 0)}) in {report.get('tuning_s', 0):.1f} s")
