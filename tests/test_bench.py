@@ -176,7 +176,7 @@ def test_search_oracle_leaves_is_the_fewest_meeting_the_target():
 
   db, queries, _, _ = bench.make_data(30_000, 32, 200, 0, None, 1.0, 0, kind="flat")
   exact = np.argsort(-(queries.astype(np.float64) @ db.T.astype(np.float64)), axis=1)[:, :50]
-  _, searcher, _ = bench.build_scann_for(db, 300, 30_000, 50)
+  _, searcher, _, _ = bench.build_scann_for(db, 300, 30_000, 50)
   recall = lambda leaves: ann.recall_at_k(
       ann.scann_search(searcher, queries, 50, leaves, 200)[1], exact, 50)
   for target in (0.9, 0.97):

@@ -32,8 +32,9 @@ time and bytes per image:
   index and reorders with the fewest leaves that reach the target on the
   evaluation queries themselves (`oracle_leaves`), the best that hand tuning
   of the leaves could do.
-* scann_target: `ann.tune_for_recall` per `--target_recall` (builds sqrt(n)
-  and 2 sqrt(n) leaves, the second shared with scann_hand), tuned on the
+* scann_target: `ann.tune_for_recall` per `--target_recall` (its default
+  builds, `ann.default_build_options`: 2 sqrt(n) leaves with SOAR spilling,
+  AH at 2 and 4 dims/block; the scann_hand index is offered too), tuned on the
   tuning queries and verified on the verification queries; the row says
   whether exact search was chosen instead.
 """
@@ -258,13 +259,23 @@ def _run_sharded_child(exact: np.ndarray) -> list[dict]:
   return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def build_scann_for(db: np.ndarray, num_leaves: int, train_sample: int, k: int) -> tuple:
-  """(num_leaves, searcher, build_s): tree + AH 2 dims/block + re-ordering."""
+def build_scann_for(db: np.ndarray, num_leaves: int, train_sample: int, k: int,
+                    dims_per_block: int = 2, soar_lambda: float | None = None) -> tuple:
+  """(num_leaves, searcher, build_s, build option): tree (SOAR spilling with
+  `soar_lambda`) + AH (anisotropic 0.2) + re-ordering."""
+  option = {"num_leaves": num_leaves, "dims_per_block": dims_per_block,
+            "soar_lambda": soar_lambda, "anisotropic_quantization_threshold": 0.2}
   searcher, build_s = _timed(lambda: ann.build_scann(
-      db, num_leaves=num_leaves, training_sample_size=train_sample, k=k,
-      dims_per_block=2, anisotropic_quantization_threshold=0.2,
-      reorder=min(len(db), ann.REORDER_FACTOR_MAX * (k + 1))))
-  return ann.num_leaves_of(searcher), searcher, build_s
+      db, training_sample_size=train_sample, k=k,
+      reorder=min(len(db), ann.REORDER_FACTOR_MAX * (k + 1)), **option))
+  return ann.num_leaves_of(searcher), searcher, build_s, option
+
+
+def build_label(settings: dict) -> str:
+  """', SOAR, AH 4 dims/block' and the like, for the table."""
+  soar = settings.get("soar_lambda")
+  return ((f", SOAR {soar:g}" if soar is not None else "")
+          + f", AH {settings.get('dims_per_block', 2)} dims/block")
 
 
 def index_size(searcher, n: int) -> float:
@@ -348,11 +359,11 @@ def main(argv):
   if "exact_sharded" in _BACKENDS.value:
     for row in _run_sharded_child(exact):
       emit({key: v for key, v in row.items() if key not in common})
-  builds = {}
+  builds = []
   hand = hand_settings(n, k)
   if "scann_hand" in _BACKENDS.value:
-    builds[hand[0]] = build_scann_for(db, hand[0], _TRAIN_SAMPLE.value, k)
-    leaves, searcher, build_s = builds[hand[0]]
+    builds.append(build_scann_for(db, hand[0], _TRAIN_SAMPLE.value, k))
+    leaves, searcher, build_s, _ = builds[0]
     row = scann_row("scann_hand", searcher, queries, exact, k, hand[1], hand[2],
                     _SINGLE.value)
     size = index_size(searcher, n)
@@ -375,12 +386,12 @@ def main(argv):
                           f"{target:g} on the evaluation queries: {fewest} (oracle)"},
              searcher)
   if "scann_target" in _BACKENDS.value:
-    for leaves in ann.default_leaves_options(n):
-      if leaves not in builds:
-        builds[leaves] = build_scann_for(db, leaves, _TRAIN_SAMPLE.value, k)
+    for option in ann.default_build_options(n):
+      builds.append(build_scann_for(db, option["num_leaves"], _TRAIN_SAMPLE.value, k,
+                                    option["dims_per_block"], option["soar_lambda"]))
     tuned = ann.tune_for_recall(
         db, k, targets, tune_queries=tune, verify_queries=verify,
-        builds=[builds[b] for b in sorted(builds)], exact_db=db_dev,
+        builds=builds, exact_db=db_dev,
         training_sample_size=_TRAIN_SAMPLE.value, num_single=_SINGLE.value)
     for target, t in zip(targets, tuned):
       rep = t.report
@@ -397,7 +408,8 @@ def main(argv):
       emit({**row, "build_s": rep["build_s"], "bytes_per_image": rep["bytes_per_image"],
             "verified_recall": rep["verified_recall"], "tuning_s": rep["tuning_s"],
             "settings_tried": rep["settings_tried"], "settings_bound": rep["settings_bound"],
-            "settings": f"{s['num_leaves']} leaves, {s['leaves_to_search']} searched, "
+            "settings": f"{s['num_leaves']} leaves{build_label(s)}, "
+                        f"{s['leaves_to_search']} searched, "
                         f"reorder {s['reorder']}; verified {rep['verified_recall']:.4f}; "
                         f"{rep['settings_tried']} tried (bound {rep['settings_bound']}), "
                         f"tuning {rep['tuning_s']:.0f} s"}, t.searcher)
